@@ -1,0 +1,232 @@
+"""Write a quantized artifact from a checkpoint directory and a plan, streaming and atomically.
+
+Layout of ``ARTIFACT_DIR``::
+
+    model-00001-of-0000N.safetensors ...   expert matrices packed, everything else as in the source
+    model.safetensors.index.json           weight_map
+    config.json                            the source config + a compressed-tensors quantization_config
+    mopeq.json                             the plan, sha256 of every shard, versions
+    tokenizer / processor files            copied
+
+Each planned expert matrix ``P`` (e.g. ``...mlp.experts.3.gate_proj``) becomes ``P.weight_packed``
+(int32), ``P.weight_scale``, ``P.weight_zero_point`` (uint8, asymmetric only) and ``P.weight_shape``
+(int64 ``[out, in]``). The source is read one tensor at a time with ``safe_open``; output shards are
+flushed as they fill; everything is written under a temporary directory renamed into place at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+from ..models import read_config, resolve_dir, skeleton
+from ..models.base import DiskTensor, ExpertRef
+from ..schemas import InputError, Plan, config_hash, sha256_file
+from .pack import pack_int32
+from .quantize import quantize
+
+ARTIFACT_VERSION = 1
+MANIFEST = "mopeq.json"
+SKIP_FILES = {"config.json", "model.safetensors.index.json", MANIFEST}
+
+
+@dataclass
+class Job:
+    """One expert matrix to quantize: where it is on disk and what it becomes."""
+
+    ref: ExpertRef
+    matrix: str
+    source: DiskTensor
+    name: str  # artifact prefix, e.g. "language.model.layers.0.mlp.experts.3.gate_proj"
+    bits: int
+
+
+def source_shards(directory: Path) -> dict[str, Path]:
+    """tensor name -> shard file of a safetensors checkpoint (single file or index)."""
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text()).get("weight_map", {})
+        return {k: _inside(directory, v, index) for k, v in weight_map.items()}
+    single = directory / "model.safetensors"
+    if not single.is_file():
+        raise InputError(f"{directory}: no model.safetensors or model.safetensors.index.json")
+    with safe_open(str(single), "pt") as f:
+        return {k: single for k in f.keys()}
+
+
+def _inside(directory: Path, name: str, index: Path) -> Path:
+    path = (directory / name).resolve()
+    if directory.resolve() not in path.parents:
+        raise InputError(f"{index}: shard {name!r} points outside the model directory")
+    return path
+
+
+def plan_jobs(plan: Plan, adapter, keys: set[str]) -> dict[str, list[Job]]:
+    """Source tensor name -> the expert matrices to cut from it."""
+    jobs: dict[str, list[Job]] = defaultdict(list)
+    known = {ref.id: ref for ref in adapter.experts()}
+    for expert_id, choice in plan.experts.items():
+        if expert_id not in known:
+            raise InputError(f"plan: expert {expert_id} does not exist in this model")
+        ref = known[expert_id]
+        for matrix, src in adapter.disk_tensors(ref, keys).items():
+            if src.key not in keys:
+                raise InputError(f"checkpoint: tensor {src.key} (expert {expert_id}) not found")
+            jobs[src.key].append(Job(ref, matrix, src, adapter.packed_name(ref, matrix), choice.bits))
+    return jobs
+
+
+def quantize_job(job: Job, tensor: torch.Tensor, plan: Plan) -> dict[str, torch.Tensor]:
+    w = job.source.take(tensor)
+    scale_dtype = tensor.dtype if tensor.dtype in (torch.float16, torch.bfloat16) else torch.float16
+    qw = quantize(w, job.bits, plan.group_size, plan.symmetric, plan.clip_search, scale_dtype)
+    out = {
+        f"{job.name}.weight_packed": pack_int32(qw.codes, job.bits),
+        f"{job.name}.weight_scale": qw.scale.contiguous(),
+        f"{job.name}.weight_shape": torch.tensor(list(w.shape), dtype=torch.int64),
+    }
+    if qw.zero is not None:
+        out[f"{job.name}.weight_zero_point"] = qw.zero.contiguous()
+    return out
+
+
+class ShardWriter:
+    """Accumulates tensors and flushes a shard whenever ``max_bytes`` is reached."""
+
+    def __init__(self, directory: Path, max_bytes: int):
+        self.directory, self.max_bytes = directory, max_bytes
+        self.pending: dict[str, torch.Tensor] = {}
+        self.pending_bytes = 0
+        self.shards: list[tuple[Path, list[str]]] = []
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        nbytes = tensor.numel() * tensor.element_size()
+        if self.pending and self.pending_bytes + nbytes > self.max_bytes:
+            self.flush()
+        self.pending[name] = tensor.contiguous()
+        self.pending_bytes += nbytes
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        path = self.directory / f"shard-{len(self.shards):05d}.tmp"
+        save_file(self.pending, str(path), metadata={"format": "pt"})
+        self.shards.append((path, sorted(self.pending)))
+        self.pending, self.pending_bytes = {}, 0
+
+    def finish(self) -> dict[str, str]:
+        """Rename shards to ``model-0000K-of-0000N.safetensors``; return the weight map."""
+        self.flush()
+        weight_map = {}
+        for i, (path, names) in enumerate(self.shards):
+            final = f"model-{i + 1:05d}-of-{len(self.shards):05d}.safetensors"
+            path.rename(self.directory / final)
+            weight_map.update({n: final for n in names})
+        return weight_map
+
+
+def quantization_config(plan: Plan, jobs: dict[str, list[Job]]) -> dict:
+    """compressed-tensors style: one config group per bit width, targets are module names."""
+    targets: dict[int, list[str]] = defaultdict(list)
+    for job in (j for js in jobs.values() for j in js):
+        targets[job.bits].append(job.name)
+    groups = {
+        f"group_{bits}bit": {
+            "targets": sorted(names),
+            "weights": {"num_bits": bits, "type": "int", "symmetric": plan.symmetric, "strategy": "group",
+                        "group_size": plan.group_size, "dynamic": False, "actorder": None},
+            "input_activations": None,
+            "output_activations": None,
+            "format": "pack-quantized",
+        }
+        for bits, names in sorted(targets.items())
+    }
+    return {"quant_method": "compressed-tensors", "format": "mixed-precision" if len(groups) > 1 else "pack-quantized",
+            "quantization_status": "compressed", "config_groups": groups, "ignore": [],
+            "mopeq": {"version": ARTIFACT_VERSION, "layout": "int32 little-endian, LSB-first along input dim"}}
+
+
+def compile_artifact(model: str | Path, plan: Plan, output: Path, overwrite: bool = False,
+                     max_shard_bytes: int = 2 << 30, progress: bool = True) -> Path:
+    """Quantize and pack every planned expert of ``model`` into ``output``. Returns ``output``."""
+    directory = resolve_dir(model)
+    config = read_config(directory)
+    if config_hash(config) != plan.config_hash:
+        raise InputError(f"plan was made for another model (config hash {plan.config_hash}, "
+                         f"{directory} has {config_hash(config)}); re-run `mopeq profile` and `mopeq plan`")
+    output = Path(output)
+    if output.exists() and not overwrite:
+        raise InputError(f"{output}: already exists (pass --overwrite to replace it)")
+    adapter = skeleton(config, directory)
+    shard_of = source_shards(directory)
+    jobs = plan_jobs(plan, adapter, set(shard_of))
+    tmp = output.with_name(f".{output.name}.partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        weight_map = _write_tensors(shard_of, jobs, plan, ShardWriter(tmp, max_shard_bytes), progress)
+        _write_metadata(tmp, directory, config, plan, jobs, weight_map)
+        if output.exists():
+            shutil.rmtree(output)
+        tmp.rename(output)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return output
+
+
+def _write_tensors(shard_of, jobs, plan, writer: ShardWriter, progress: bool) -> dict[str, str]:
+    by_shard: dict[Path, list[str]] = defaultdict(list)
+    for key, path in shard_of.items():
+        by_shard[path].append(key)
+    bar = tqdm(total=len(shard_of), desc="compile", unit="tensor", disable=not progress)
+    for path in sorted(by_shard):
+        with safe_open(str(path), "pt") as f:
+            for key in sorted(by_shard[path], key=_natural):
+                tensor = f.get_tensor(key)
+                if key in jobs:
+                    for job in jobs[key]:
+                        for name, t in quantize_job(job, tensor, plan).items():
+                            writer.add(name, t)
+                else:
+                    writer.add(key, tensor)
+                bar.update()
+    bar.close()
+    return writer.finish()
+
+
+def _natural(key: str):
+    return [int(p) if p.isdigit() else p for p in key.split(".")]
+
+
+def _write_metadata(tmp: Path, source: Path, config: dict, plan: Plan, jobs, weight_map: dict) -> None:
+    config = dict(config, quantization_config=quantization_config(plan, jobs))
+    (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    total = sum((tmp / f).stat().st_size for f in set(weight_map.values()))
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    for extra in source.iterdir():
+        if extra.is_file() and extra.name not in SKIP_FILES and not extra.name.endswith(".safetensors") \
+                and (extra.suffix in (".json", ".txt", ".model", ".jinja") or extra.name.startswith("tokenizer")):
+            shutil.copy2(extra, tmp / extra.name)
+    shards = sorted(set(weight_map.values()))
+    manifest = {"version": ARTIFACT_VERSION, "config_hash": plan.config_hash, "plan": plan.model_dump(),
+                "shards": {s: sha256_file(tmp / s) for s in shards},
+                "versions": _versions(), "source_config_hash": config_hash(config)}
+    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+
+
+def _versions() -> dict:
+    import safetensors
+
+    from .. import __version__
+
+    return {"mopeq": __version__, "torch": torch.__version__.split("+")[0], "safetensors": safetensors.__version__}

@@ -1,0 +1,70 @@
+"""Bit packing of unsigned integer codes into int32 words. Written once; the runtime imports it.
+
+Layout (``pack_int32``): codes are packed along the last (input) dimension, least significant bits
+first: code ``k`` of a row occupies bits ``[k*bits, (k+1)*bits)`` of that row's bit stream, and word
+``w`` holds stream bits ``[32*w, 32*w + 32)`` (bit 0 = the word's least significant bit). A row of K
+codes takes ``ceil(K*bits/32)`` words; 3-bit codes straddle word boundaries. For 2, 4 and 8 bits this
+is exactly compressed-tensors' ``pack-quantized`` layout (``32 // bits`` codes per word, code ``i`` of
+a word shifted left by ``bits*i``), provided codes are the signed values offset by ``2**(bits-1)``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+SUPPORTED_BITS = (2, 3, 4, 8)
+
+
+def packed_words(num_codes: int, bits: int) -> int:
+    """Number of int32 words for one row of ``num_codes`` codes."""
+    return -(-num_codes * bits // 32)
+
+
+def _check_bits(bits: int) -> None:
+    if bits not in SUPPORTED_BITS:
+        raise ValueError(f"bits: got {bits}, expected one of {SUPPORTED_BITS}")
+
+
+def pack_int32(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack unsigned codes ``[..., K]`` (each in ``[0, 2**bits)``) into int32 ``[..., ceil(K*bits/32)]``.
+
+    Example: ``pack_int32(torch.tensor([[1, 2, 3]]), 2)`` -> ``tensor([[57]], dtype=torch.int32)``.
+    """
+    _check_bits(bits)
+    *lead, k = codes.shape
+    words = packed_words(k, bits)
+    codes = codes.to(torch.int64)
+    if 32 % bits == 0:
+        per_word = 32 // bits
+        padded = torch.zeros(*lead, words * per_word, dtype=torch.int64, device=codes.device)
+        padded[..., :k] = codes
+        shifts = torch.arange(per_word, device=codes.device, dtype=torch.int64) * bits
+        packed = (padded.view(*lead, words, per_word) << shifts).sum(-1)
+    else:
+        bit_index = torch.arange(bits, device=codes.device, dtype=torch.int64)
+        stream = ((codes.unsqueeze(-1) >> bit_index) & 1).flatten(-2)  # [..., K*bits]
+        padded = torch.zeros(*lead, words * 32, dtype=torch.int64, device=codes.device)
+        padded[..., : k * bits] = stream
+        packed = (padded.view(*lead, words, 32) << torch.arange(32, device=codes.device)).sum(-1)
+    # Words above 2**31 wrap to negative int32, as a C cast would.
+    return torch.where(packed >= 2**31, packed - 2**32, packed).to(torch.int32)
+
+
+def unpack_int32(packed: torch.Tensor, bits: int, num_codes: int) -> torch.Tensor:
+    """Inverse of ``pack_int32``: int32 ``[..., W]`` -> uint8 codes ``[..., num_codes]``."""
+    _check_bits(bits)
+    *lead, words = packed.shape
+    if words != packed_words(num_codes, bits):
+        raise ValueError(f"packed: got {words} words per row, expected {packed_words(num_codes, bits)} "
+                         f"for {num_codes} codes at {bits} bits")
+    wide = packed.to(torch.int64) & 0xFFFFFFFF
+    mask = (1 << bits) - 1
+    if 32 % bits == 0:
+        per_word = 32 // bits
+        shifts = torch.arange(per_word, device=packed.device, dtype=torch.int64) * bits
+        codes = ((wide.unsqueeze(-1) >> shifts) & mask).flatten(-2)[..., :num_codes]
+    else:
+        stream = ((wide.unsqueeze(-1) >> torch.arange(32, device=packed.device)) & 1).flatten(-2)
+        stream = stream[..., : num_codes * bits].reshape(*lead, num_codes, bits)
+        codes = (stream << torch.arange(bits, device=packed.device)).sum(-1)
+    return codes.to(torch.uint8)

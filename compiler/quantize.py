@@ -1,0 +1,128 @@
+"""Group-wise quantizers. One function for every stage: the profiler measures ``||W - Q_b(W)||^2``
+with exactly the quantizer the compiler ships, and the runtime dequantizes with ``dequantize``.
+
+Groups run along the input (last) dimension of a ``[N, K]`` weight; a group size above K means one
+group per row, and a K that is no multiple of the group size leaves a shorter last group.
+
+Codes are unsigned, ``q in [0, 2**bits)``, and ``w ~= (q - zero) * scale`` per group. Symmetric
+quantization fixes ``zero = 2**(bits-1)`` (the signed value offset to unsigned, as compressed-tensors
+stores it) and writes no zero point.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .pack import SUPPORTED_BITS
+
+CLIP_RATIOS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7)
+
+
+@dataclass
+class QuantizedWeight:
+    codes: torch.Tensor  # [N, K] uint8, in [0, 2**bits)
+    scale: torch.Tensor  # [N, G] float
+    zero: torch.Tensor | None  # [N, G] uint8, None when symmetric
+    bits: int
+    group_size: int
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.codes.shape)
+
+
+def num_groups(k: int, group_size: int) -> int:
+    return -(-k // group_size)
+
+
+def _grouped(w: torch.Tensor, group_size: int) -> torch.Tensor:
+    """[N, K] -> [N, G, group_size], padding the last group by repeating its last column."""
+    n, k = w.shape
+    g = num_groups(k, group_size)
+    if g * group_size != k:
+        w = torch.cat([w, w[:, -1:].expand(n, g * group_size - k)], 1)
+    return w.view(n, g, group_size)
+
+
+def _params(wg: torch.Tensor, bits: int, symmetric: bool, ratio: float):
+    qmax = 2**bits - 1
+    if symmetric:
+        absmax = wg.abs().amax(-1) * ratio
+        scale = (absmax * 2 / qmax).clamp(min=1e-10)
+        zero = torch.full_like(scale, 2 ** (bits - 1))
+    else:
+        lo = (wg.amin(-1) * ratio).clamp(max=0)
+        hi = (wg.amax(-1) * ratio).clamp(min=0)
+        scale = ((hi - lo) / qmax).clamp(min=1e-10)
+        zero = (-lo / scale).round().clamp(0, qmax)
+    return scale, zero
+
+
+def _codes(wg, scale, zero, bits):
+    return (wg / scale[..., None] + zero[..., None]).round().clamp(0, 2**bits - 1)
+
+
+def quantize(w: torch.Tensor, bits: int, group_size: int, symmetric: bool = False,
+             clip_search: bool = False, scale_dtype: torch.dtype = torch.float16) -> QuantizedWeight:
+    """Round-to-nearest group-wise quantization of a ``[N, K]`` weight.
+
+    With ``clip_search`` each group's range is shrunk by the ratio in ``CLIP_RATIOS`` that minimises
+    its squared error. Scales are rounded to ``scale_dtype`` before the codes are chosen, so
+    ``dequantize`` reproduces exactly what is stored. Example: ``quantize(w, 3, 128).codes.shape == w.shape``.
+    """
+    if bits not in SUPPORTED_BITS:
+        raise ValueError(f"bits: got {bits}, expected one of {SUPPORTED_BITS}")
+    if w.dim() != 2:
+        raise ValueError(f"weight: got shape {tuple(w.shape)}, expected a 2-D [out, in] matrix")
+    n, k = w.shape
+    group_size = min(group_size, k)
+    wg = _grouped(w.detach().float(), group_size)
+    best = None
+    for ratio in CLIP_RATIOS if clip_search else (1.0,):
+        scale, zero = _params(wg, bits, symmetric, ratio)
+        scale = scale.to(scale_dtype).float().clamp(min=torch.finfo(scale_dtype).tiny)
+        q = _codes(wg, scale, zero, bits)
+        err = ((q - zero[..., None]) * scale[..., None] - wg).pow(2).sum(-1)  # [N, G]
+        if best is None:
+            best = [scale, zero, q, err]
+        else:
+            better = err < best[3]
+            best = [torch.where(better, a, b) for a, b in zip([scale, zero], best[:2])] + [
+                torch.where(better[..., None], q, best[2]), torch.minimum(err, best[3])]
+    scale, zero, q, _ = best
+    codes = q.reshape(n, -1)[:, :k].to(torch.uint8)
+    return QuantizedWeight(codes, scale.to(scale_dtype), None if symmetric else zero.to(torch.uint8),
+                           bits, group_size)
+
+
+def dequantize(qw: QuantizedWeight, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``(codes - zero) * scale`` back to a dense ``[N, K]`` tensor."""
+    n, k = qw.codes.shape
+    zero = qw.zero.float() if qw.zero is not None else torch.full_like(qw.scale, 2 ** (qw.bits - 1), dtype=torch.float32)
+    scale = qw.scale.float().repeat_interleave(qw.group_size, dim=1)[:, :k]
+    zero = zero.repeat_interleave(qw.group_size, dim=1)[:, :k]
+    return ((qw.codes.float() - zero) * scale).to(dtype)
+
+
+def fake_quantize(w: torch.Tensor, bits: int, group_size: int, symmetric: bool = False,
+                  clip_search: bool = False) -> torch.Tensor:
+    """``dequantize(quantize(w))`` in ``w``'s dtype: what the model computes with after compiling."""
+    return dequantize(quantize(w, bits, group_size, symmetric, clip_search), w.dtype)
+
+
+def quantization_error(w: torch.Tensor, bits: int, group_size: int, symmetric: bool = False,
+                       clip_search: bool = False) -> float:
+    """``||W - Q_b(W)||^2`` (float64 sum)."""
+    diff = w.double() - fake_quantize(w.float(), bits, group_size, symmetric, clip_search).double()
+    return float(diff.pow(2).sum())
+
+
+def packed_nbytes(n: int, k: int, bits: int, group_size: int, symmetric: bool = False,
+                  scale_bytes: int = 2) -> int:
+    """Bytes on disk of one quantized ``[N, K]`` matrix: packed words, scales, zero points, shape."""
+    from .pack import packed_words
+
+    g = num_groups(k, min(group_size, k))
+    return n * packed_words(k, bits) * 4 + n * g * scale_bytes + (0 if symmetric else n * g) + 16

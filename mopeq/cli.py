@@ -1,0 +1,236 @@
+"""The ``mopeq`` command line: one subcommand per stage, plus ``demo`` for the whole chain.
+
+Bad input (missing files, malformed specs, stale hand-offs, impossible budgets) is reported as one
+line on stderr with exit code 2; outputs are written atomically, so earlier results stay intact.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from .schemas import InputError
+
+EPILOG = "Exit codes: 0 success, 2 bad input (one-line message on stderr)."
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mopeq", description="Per-expert mixed-precision quantization for "
+                                "Mixture-of-Experts models: profile -> plan -> compile -> run.", epilog=EPILOG)
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    s = sub.add_parser("profile", help="measure per-expert sensitivity and write the expert graph (profile.json)",
+                       description="Run calibration data through MODEL and write profile.json: routing statistics, "
+                       "curvature, quantization error per bit width, expert similarity.")
+    s.add_argument("model", help="model directory (config.json + safetensors) or 'demo'")
+    s.add_argument("--calib", default=None, help="calibration data: 'demo' (the demo's own set, default for the "
+                   "demo model), a .txt file, or a .jsonl file with a 'text' field per line")
+    s.add_argument("-o", "--output", type=Path, default=Path("profile.json"), help="output file (default: %(default)s)")
+    s.add_argument("--bits", default="2,3,4,8", help="candidate bit widths, comma-separated (default: %(default)s)")
+    s.add_argument("--group-size", type=int, default=128, help="quantization group size (default: %(default)s)")
+    s.add_argument("--symmetric", action="store_true", help="symmetric quantization (no zero points)")
+    s.add_argument("--clip-search", action="store_true", help="search a clipping ratio per group")
+    s.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+
+    s = sub.add_parser("plan", help="solve for one bit width per expert under a YAML budget spec (plan.json)",
+                       description="Read a budget spec and a profile; solve the multiple-choice knapsack with "
+                       "OR-Tools; write plan.json with the proven optimality gap.")
+    s.add_argument("spec", type=Path, help="YAML budget spec (see specs/)")
+    s.add_argument("--profile", type=Path, required=True, help="profile.json from `mopeq profile`")
+    s.add_argument("-o", "--output", type=Path, default=Path("plan.json"), help="output file (default: %(default)s)")
+
+    s = sub.add_parser("compile", help="quantize and pack every expert at its planned width into an artifact",
+                       description="Stream MODEL's safetensors, quantize each planned expert, and write a sharded "
+                       "safetensors artifact (atomically, with checksums).")
+    s.add_argument("model", help="model directory or 'demo'")
+    s.add_argument("--plan", type=Path, required=True, help="plan.json from `mopeq plan`")
+    s.add_argument("-o", "--output", type=Path, required=True, help="artifact directory to create")
+    s.add_argument("--overwrite", action="store_true", help="replace an existing artifact")
+
+    s = sub.add_parser("run", help="load an artifact and answer a prompt",
+                       description="Load ARTIFACT (checksums verified) and generate text for --prompt; for the demo "
+                       "VLM, --image picks a held-out digit image by index or reads an 8x8 image from a .npy file.")
+    s.add_argument("artifact", help="artifact directory (or a model directory, unquantized)")
+    s.add_argument("--prompt", required=True, help="text prompt (demo VLM: a question about the image)")
+    s.add_argument("--image", default=None, help="demo VLM: held-out image index, or a .npy 8x8 array in [0, 1]")
+    s.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate (default: %(default)s)")
+
+    s = sub.add_parser("eval", help="measure a model or artifact on a task",
+                       description="Tasks: 'demo' (held-out perplexity and question accuracy of the demo model), "
+                       "'perplexity' (on --text FILE).")
+    s.add_argument("model", help="artifact directory, model directory, or 'demo'")
+    s.add_argument("--task", default="demo", choices=["demo", "perplexity"], help="task (default: %(default)s)")
+    s.add_argument("--text", type=Path, default=None, help="text file for the perplexity task")
+    s.add_argument("--json", action="store_true", help="print the result as JSON")
+
+    s = sub.add_parser("demo", help="run the whole chain on the built-in demo model and print one table",
+                       description="profile -> plan -> compile -> load -> eval on the built-in demo MoE VLM.")
+    s.add_argument("--spec", type=Path, default=None, help="budget spec (default: specs/demo.yaml shipped with mopeq)")
+    s.add_argument("-o", "--output", type=Path, default=Path("demo-out"), help="work directory (default: %(default)s)")
+    return p
+
+
+def _bits(text: str) -> list[int]:
+    try:
+        bits = sorted({int(b) for b in text.split(",")})
+    except ValueError:
+        raise InputError(f"--bits: got {text!r}, expected comma-separated integers from 2, 3, 4, 8") from None
+    if not bits or any(b not in (2, 3, 4, 8) for b in bits):
+        raise InputError(f"--bits: got {text!r}, expected values from 2, 3, 4, 8")
+    return bits
+
+
+def cmd_profile(args) -> None:
+    from .models import DEMO, open_model
+    from .profiler.calibration import demo_batches, summary, text_file_batches
+    from .profiler.profile import profile_model
+    from .schemas import write_profile
+
+    bits = _bits(args.bits)
+    if args.group_size < 1:
+        raise InputError(f"--group-size: got {args.group_size}, expected a positive integer")
+    loaded = open_model(args.model)
+    calib = args.calib or (DEMO if loaded.config["model_type"] == "mopeq_demo_vlm" else None)
+    if calib is None:
+        raise InputError("--calib: required for this model (a .txt or .jsonl file)")
+    if calib == DEMO:
+        if loaded.config["model_type"] != "mopeq_demo_vlm":
+            raise InputError("--calib demo: only for the demo model")
+        batches = demo_batches(loaded.config)
+    else:
+        batches = text_file_batches(Path(calib), _tokenizer(loaded.directory))
+    profile = profile_model(loaded, batches, summary(batches, str(calib)), bits, args.group_size,
+                            args.symmetric, args.clip_search, args.seed)
+    write_profile(profile, args.output)
+    print(f"wrote {args.output}: {len(profile.experts)} experts, calibration loss {profile.meta.calibration['loss']:.4f}")
+
+
+def _tokenizer(directory: Path):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(directory)
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{directory}: no usable tokenizer ({str(exc).splitlines()[0]})") from None
+
+
+def cmd_plan(args) -> None:
+    from .planner import load_spec, make_plan
+    from .schemas import read_profile, write_plan
+
+    spec = load_spec(args.spec)
+    plan = make_plan(spec, read_profile(args.profile))
+    write_plan(plan, args.output)
+    t, s = plan.totals, plan.solver
+    print(f"wrote {args.output}: {t['avg_bits']:.3f} avg bits, {t['bytes'] / 2**20:.2f} MiB of "
+          f"{t['budget_bytes'] / 2**20:.2f} MiB budget; {s.backend} {s.status}, gap {s.gap:.2e}")
+
+
+def cmd_compile(args) -> None:
+    from .compiler.artifact import compile_artifact
+    from .schemas import read_plan
+
+    out = compile_artifact(args.model, read_plan(args.plan), args.output, overwrite=args.overwrite)
+    size = sum(f.stat().st_size for f in out.glob("*.safetensors"))
+    print(f"wrote {out}: {size / 2**20:.2f} MiB of safetensors")
+
+
+def _open_any(path: str):
+    """An artifact directory (has mopeq.json) through the runtime, anything else as a model."""
+    if Path(path, "mopeq.json").is_file():
+        from .runtime.load import load
+
+        return load(path)
+    from .models import open_model
+
+    return open_model(path)
+
+
+def cmd_run(args) -> None:
+    loaded = _open_any(args.artifact)
+    if loaded.config["model_type"] == "mopeq_demo_vlm":
+        print(loaded.model.answer(_demo_image(args.image), [args.prompt])[0])
+        return
+    tok = _tokenizer(loaded.directory)
+    ids = tok(args.prompt, return_tensors="pt")["input_ids"]
+    out = loaded.model.generate(ids, max_new_tokens=args.max_new_tokens, do_sample=False)
+    print(tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
+
+
+def _demo_image(spec: str | None):
+    import numpy as np
+    import torch
+
+    from .demo.data import digit_images
+
+    if spec is None:
+        raise InputError("--image: required for the demo VLM (a held-out image index or a .npy file)")
+    if spec.isdigit():
+        images, _ = digit_images("test")
+        if int(spec) >= len(images):
+            raise InputError(f"--image: index {spec} out of range (0..{len(images) - 1})")
+        return images[int(spec)][None]
+    path = Path(spec)
+    if not path.is_file():
+        raise InputError(f"--image: {path} not found")
+    try:
+        arr = np.load(path, allow_pickle=False)
+    except ValueError as exc:
+        raise InputError(f"--image: {path} is not a .npy array ({exc})") from None
+    if arr.shape != (8, 8):
+        raise InputError(f"--image: {path} has shape {arr.shape}, expected (8, 8)")
+    return torch.tensor(arr, dtype=torch.float32)[None]
+
+
+def cmd_eval(args) -> None:
+    from .evaluate import demo_quality, perplexity
+
+    loaded = _open_any(args.model)
+    if args.task == "demo":
+        if loaded.config["model_type"] != "mopeq_demo_vlm":
+            raise InputError("--task demo: only for the demo model or its artifacts")
+        result = demo_quality(loaded, progress=True)
+    else:
+        if args.text is None:
+            raise InputError("--text: required for --task perplexity")
+        from .profiler.calibration import text_file_batches
+
+        import torch
+
+        windows = torch.cat([b["input_ids"] for b in text_file_batches(args.text, _tokenizer(loaded.directory))])
+        result = {"perplexity": perplexity(loaded.adapter, windows, progress=True)}
+    print(json.dumps(result) if args.json else "  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
+                                                           for k, v in result.items()))
+
+
+def cmd_demo(args) -> None:
+    from .demo.run import run_demo
+
+    run_demo(args.spec, args.output)
+
+
+COMMANDS = {"profile": cmd_profile, "plan": cmd_plan, "compile": cmd_compile, "run": cmd_run,
+            "eval": cmd_eval, "demo": cmd_demo}
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
+    start = time.time()
+    try:
+        COMMANDS[args.command](args)
+    except InputError as exc:
+        print(f"mopeq {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"mopeq {args.command}: interrupted", file=sys.stderr)
+        return 130
+    if args.command != "demo":
+        print(f"done in {time.time() - start:.1f}s", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

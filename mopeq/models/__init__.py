@@ -1,0 +1,115 @@
+"""Model registry: open a model directory (or the built-in demo) and pick its adapter.
+
+``open_model(path)`` loads weights for profiling/eval; ``skeleton(config)`` builds the module tree
+without real weights, which is all the compiler needs to know where experts live.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..schemas import InputError, config_hash
+from .base import ExpertRef, MoEAdapter
+from .deepseek import DeepseekAdapter, DemoAdapter
+
+DEMO = "demo"
+
+# model_type -> adapter class; families register themselves here.
+ADAPTERS: dict[str, type[MoEAdapter]] = {
+    "mopeq_demo_vlm": DemoAdapter,
+    "deepseek_v2": DeepseekAdapter,
+    "deepseek_v3": DeepseekAdapter,
+}
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    adapter: MoEAdapter
+    config: dict
+    model_id: str
+    directory: Path
+
+    @property
+    def config_hash(self) -> str:
+        return config_hash(self.config)
+
+
+def resolve_dir(path: str | Path) -> Path:
+    if str(path) == DEMO:
+        from ..demo.model import WEIGHTS_DIR
+
+        return WEIGHTS_DIR
+    path = Path(path)
+    if not path.is_dir():
+        raise InputError(f"{path}: model directory not found")
+    if not (path / "config.json").is_file():
+        raise InputError(f"{path}: no config.json (expected a Hugging Face model directory or 'demo')")
+    return path
+
+
+def read_config(directory: Path) -> dict:
+    try:
+        config = json.loads((directory / "config.json").read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InputError(f"{directory / 'config.json'}: not valid JSON ({exc})") from None
+    if not isinstance(config, dict) or "model_type" not in config:
+        raise InputError(f"{directory / 'config.json'}: no 'model_type' field")
+    return config
+
+
+def adapter_class(config: dict, where: Path) -> type[MoEAdapter]:
+    model_type = config.get("model_type")
+    if model_type not in ADAPTERS:
+        raise InputError(f"{where}: model_type {model_type!r} is not supported "
+                         f"(supported: {', '.join(sorted(ADAPTERS))})")
+    return ADAPTERS[model_type]
+
+
+def _hf_config(config: dict):
+    from transformers import AutoConfig
+
+    clean = {k: v for k, v in config.items() if k != "quantization_config"}
+    return AutoConfig.for_model(**clean)
+
+
+def skeleton(config: dict, where: Path, device: str = "meta") -> MoEAdapter:
+    """An adapter over a weightless module tree (``device="meta"``) built from ``config``."""
+    cls = adapter_class(config, where)
+    with torch.device(device):
+        if config["model_type"] == "mopeq_demo_vlm":
+            from ..demo.model import DemoConfig, DemoVLM
+
+            model = DemoVLM(DemoConfig.from_dict(config))
+        else:
+            from transformers import AutoModelForCausalLM
+
+            model = AutoModelForCausalLM.from_config(_hf_config(config), attn_implementation="eager")
+    return cls(model)
+
+
+def open_model(path: str | Path, dtype: torch.dtype = torch.float32) -> LoadedModel:
+    """Load a model directory (or ``"demo"``) with real weights, eager attention, in eval mode."""
+    directory = resolve_dir(path)
+    config = read_config(directory)
+    cls = adapter_class(config, directory)
+    if config["model_type"] == "mopeq_demo_vlm":
+        from ..demo.model import load_demo
+
+        model = load_demo(directory, dtype)
+    else:
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, attn_implementation="eager")
+    model.eval()
+    model_id = DEMO if str(path) == DEMO else str(config.get("_name_or_path") or directory.name)
+    return LoadedModel(model, cls(model), config, model_id, directory)
+
+
+__all__ = ["ADAPTERS", "DEMO", "ExpertRef", "LoadedModel", "MoEAdapter", "open_model", "read_config",
+           "resolve_dir", "skeleton"]

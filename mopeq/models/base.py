@@ -1,0 +1,177 @@
+"""The model adapter interface: every stage sees experts as ``(layer, expert) -> {gate, up, down}``.
+
+An adapter knows, for one architecture family, where the MoE layers are, how expert weights are
+stored in memory (fused ``[E, 2I, H]`` / ``[E, H, I]`` parameters or one module per expert) and on
+disk (key names), where the router and shared experts are, and how to run a calibration batch.
+
+Matrices are always ``[out, in]`` (``gate``/``up``: ``[I, H]``, ``down``: ``[H, I]``), whatever the
+storage orientation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+MATRICES = ("gate", "up", "down")
+
+
+@dataclass(frozen=True, order=True)
+class ExpertRef:
+    layer: int
+    expert: int  # routed expert index; shared experts count from 0 with shared=True
+    shared: bool = False
+
+    @property
+    def id(self) -> str:
+        return f"L{self.layer}.{'S' if self.shared else 'E'}{self.expert}"
+
+    @classmethod
+    def parse(cls, text: str) -> "ExpertRef":
+        layer, rest = text.split(".")
+        if not (layer.startswith("L") and rest[:1] in ("E", "S")):
+            raise ValueError(f"expert id: got {text!r}, expected 'L<layer>.E<expert>' or 'L<layer>.S<index>'")
+        return cls(int(layer[1:]), int(rest[1:]), rest[0] == "S")
+
+
+@dataclass(frozen=True)
+class DiskTensor:
+    """Where one expert matrix lives in a checkpoint: ``tensor[index][rows]``, transposed if asked."""
+
+    key: str
+    index: int | None = None  # expert index into a fused [E, ...] tensor
+    rows: tuple[int, int] | None = None  # row range after indexing (gate/up halves of gate_up_proj)
+    transpose: bool = False
+
+    def take(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.index is not None:
+            tensor = tensor[self.index]
+        if self.transpose:
+            tensor = tensor.t()
+        if self.rows is not None:
+            tensor = tensor[self.rows[0] : self.rows[1]]
+        return tensor
+
+
+class MoEAdapter:
+    """Base adapter for transformers-style MoE blocks: ``layers[i].<mlp>.<experts>`` and a router.
+
+    Subclasses set the attribute names and override what their family stores differently.
+    """
+
+    family = "generic"
+    mlp_attr = "mlp"
+    experts_attr = "experts"
+    router_attr = "gate"
+    shared_attr: str | None = "shared_experts"
+    disk_prefix = "model.layers"  # on-disk prefix of decoder layers
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    # --- structure -------------------------------------------------------------------------------
+    def decoder_layers(self) -> nn.ModuleList:
+        return self.model.model.layers
+
+    def moe_layers(self) -> list[int]:
+        return [i for i, layer in enumerate(self.decoder_layers())
+                if hasattr(getattr(layer, self.mlp_attr), self.experts_attr)]
+
+    def moe_block(self, layer: int) -> nn.Module:
+        return getattr(self.decoder_layers()[layer], self.mlp_attr)
+
+    def experts_module(self, layer: int) -> nn.Module:
+        return getattr(self.moe_block(layer), self.experts_attr)
+
+    def router(self, layer: int) -> nn.Module:
+        return getattr(self.moe_block(layer), self.router_attr)
+
+    def num_experts(self, layer: int) -> int:
+        return self.experts_module(layer).gate_up_proj.shape[0]
+
+    def top_k(self) -> int:
+        cfg = self.language_config()
+        return int(getattr(cfg, "num_experts_per_tok", None) or getattr(cfg, "top_k", 1))
+
+    def language_config(self):
+        return self.model.config
+
+    def shared_module(self, layer: int, index: int = 0) -> nn.Module | None:
+        if self.shared_attr is None:
+            return None
+        return getattr(self.moe_block(layer), self.shared_attr, None)
+
+    def experts(self) -> list[ExpertRef]:
+        refs = []
+        for layer in self.moe_layers():
+            refs += [ExpertRef(layer, j) for j in range(self.num_experts(layer))]
+            if self.shared_module(layer) is not None:
+                refs.append(ExpertRef(layer, 0, shared=True))
+        return refs
+
+    # --- weights in memory -------------------------------------------------------------------------
+    def expert_weights(self, ref: ExpertRef) -> dict[str, torch.Tensor]:
+        """Views ``{gate, up, down}`` (``[out, in]``) into the live parameters."""
+        if ref.shared:
+            mlp = self.shared_module(ref.layer, ref.expert)
+            return {m: getattr(mlp, f"{m}_proj").weight for m in MATRICES}
+        experts = self.experts_module(ref.layer)
+        gate_up = experts.gate_up_proj[ref.expert]  # [2I, H]
+        inter = gate_up.shape[0] // 2
+        return {"gate": gate_up[:inter], "up": gate_up[inter:], "down": experts.down_proj[ref.expert]}
+
+    def expert_parameters(self, ref: ExpertRef) -> list[nn.Parameter]:
+        if ref.shared:
+            mlp = self.shared_module(ref.layer, ref.expert)
+            return [getattr(mlp, f"{m}_proj").weight for m in MATRICES]
+        experts = self.experts_module(ref.layer)
+        return [experts.gate_up_proj, experts.down_proj]
+
+    @torch.no_grad()
+    def set_expert_weights(self, ref: ExpertRef, weights: dict[str, torch.Tensor]) -> None:
+        for name, live in self.expert_weights(ref).items():
+            if name in weights:
+                live.copy_(weights[name].to(live.dtype))
+
+    # --- weights on disk ---------------------------------------------------------------------------
+    def layer_disk_prefix(self, layer: int) -> str:
+        return f"{self.disk_prefix}.{layer}.{self.mlp_attr}"
+
+    def disk_tensors(self, ref: ExpertRef, keys: set[str]) -> dict[str, DiskTensor]:
+        """Checkpoint location of each matrix; ``keys`` (the checkpoint's tensor names) picks fused or per-expert."""
+        prefix = self.layer_disk_prefix(ref.layer)
+        if ref.shared:
+            return {m: DiskTensor(f"{prefix}.{self.shared_attr}.{m}_proj.weight") for m in MATRICES}
+        if f"{prefix}.{self.experts_attr}.gate_up_proj" not in keys:
+            return {m: DiskTensor(f"{prefix}.{self.experts_attr}.{ref.expert}.{m}_proj.weight") for m in MATRICES}
+        inter = self.experts_module(ref.layer).down_proj.shape[-1]
+        fused = f"{prefix}.{self.experts_attr}"
+        return {
+            "gate": DiskTensor(f"{fused}.gate_up_proj", ref.expert, (0, inter)),
+            "up": DiskTensor(f"{fused}.gate_up_proj", ref.expert, (inter, 2 * inter)),
+            "down": DiskTensor(f"{fused}.down_proj", ref.expert),
+        }
+
+    def packed_name(self, ref: ExpertRef, matrix: str) -> str:
+        """Artifact tensor prefix, compressed-tensors style: ``...experts.{j}.gate_proj``."""
+        prefix = self.layer_disk_prefix(ref.layer)
+        if ref.shared:
+            return f"{prefix}.{self.shared_attr}.{matrix}_proj"
+        return f"{prefix}.{self.experts_attr}.{ref.expert}.{matrix}_proj"
+
+    # --- running -----------------------------------------------------------------------------------
+    def forward(self, batch: dict) -> torch.Tensor:
+        """Logits for one calibration batch ``{"input_ids": [B, T], ...}``."""
+        return self.model(input_ids=batch["input_ids"], use_cache=False).logits
+
+    def loss(self, batch: dict) -> torch.Tensor:
+        """Mean next-token cross-entropy of a batch (labels -100 are ignored)."""
+        logits = self.forward(batch)
+        labels = batch.get("labels")
+        if labels is None:
+            labels = batch["input_ids"][:, 1:]
+            logits = logits[:, :-1]
+        return torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=-100)

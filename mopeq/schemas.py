@@ -1,0 +1,203 @@
+"""File contracts between the stages: ``profile.json`` (expert graph) and ``plan.json``.
+
+Every hand-off carries a ``version`` and the hashes of its inputs, so a stale file is refused with a
+clear message instead of silently mixing models. The planner reads only these types; the compiler
+reads only ``Plan``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import networkx as nx
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+PROFILE_VERSION = 1
+PLAN_VERSION = 1
+
+# Curvature / sensitivity sources, as written in profile.json and named in specs.
+CURVATURE_SOURCES = ("hessian", "fisher", "gauss-newton", "hessian-local")
+SENSITIVITY_SOURCES = CURVATURE_SOURCES + ("ablation", "frequency", "uniform")
+
+
+class InputError(ValueError):
+    """Bad user input: the CLI prints its message on one line and exits with code 2."""
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def config_hash(config: dict) -> str:
+    """Hash of a model config dict, independent of key order and of transformers' bookkeeping fields."""
+    skip = {"transformers_version", "_name_or_path", "torch_dtype", "dtype", "architectures", "quantization_config"}
+    clean = {k: v for k, v in config.items() if k not in skip}
+    return sha256_bytes(json.dumps(clean, sort_keys=True, default=str).encode())[:16]
+
+
+class Trace(BaseModel):
+    """A curvature estimate restricted to one expert's weights."""
+
+    mean: float
+    stderr: float = 0.0
+    probes: int = 0
+    per_matrix: dict[str, float] = Field(default_factory=dict)
+
+
+class ExpertNode(BaseModel):
+    """Attributes of one node (one expert) of the expert graph."""
+
+    model_config = ConfigDict(extra="allow")
+
+    id: str  # "L{layer}.E{expert}" or "L{layer}.S{index}" for shared experts
+    layer: int
+    expert: int
+    shared: bool = False
+    params: int
+    shapes: dict[str, list[int]]  # matrix -> [out, in]
+    bytes: dict[str, int]  # bits (as str) -> packed bytes at that width
+    bf16_bytes: int
+    tokens: int = 0
+    frequency: float = 0.0  # tokens routed / calibration tokens
+    routing_mass: float = 0.0  # summed routing weight / calibration tokens
+    tokens_by_modality: dict[str, int] = Field(default_factory=dict)
+    trace: dict[str, Trace] = Field(default_factory=dict)  # source -> estimate
+    perturbation: dict[str, float] = Field(default_factory=dict)  # bits -> ||W - Q_b(W)||^2
+    sensitivity: dict[str, dict[str, float]] = Field(default_factory=dict)  # source -> bits -> Omega
+    ablation: dict[str, float] = Field(default_factory=dict)  # bits -> calibration loss increase
+
+
+class ProfileMeta(BaseModel):
+    """Graph-level attributes of ``profile.json``."""
+
+    model_config = ConfigDict(extra="allow")
+
+    version: int = PROFILE_VERSION
+    model_id: str
+    family: str
+    config_hash: str
+    calibration: dict[str, Any]
+    settings: dict[str, Any]  # bits, group_size, symmetric, clip_search, seed, ...
+    top_k: int
+    non_expert_bytes: int = 0
+
+
+class Profile(BaseModel):
+    meta: ProfileMeta
+    experts: list[ExpertNode]
+    edges: list[tuple[str, str, float]] = Field(default_factory=list)  # same-layer similarity
+    sha256: str = ""
+
+    def graph(self) -> nx.Graph:
+        g = nx.Graph(**self.meta.model_dump())
+        for node in self.experts:
+            g.add_node(node.id, **node.model_dump(exclude={"id"}))
+        for a, b, w in self.edges:
+            g.add_edge(a, b, weight=w)
+        return g
+
+
+def write_profile(profile: Profile, path: Path) -> None:
+    data = nx.node_link_data(profile.graph(), edges="edges")
+    _atomic_write_json(path, data)
+
+
+def read_profile(path: Path) -> Profile:
+    raw = _read_json(path, "profile")
+    try:
+        graph = nx.node_link_graph(raw, edges="edges")
+        meta = ProfileMeta(**graph.graph)
+        nodes = [ExpertNode(id=n, **attrs) for n, attrs in graph.nodes(data=True)]
+    except (ValidationError, KeyError, TypeError, nx.NetworkXError) as exc:
+        raise InputError(f"{path}: not a mopeq profile ({_first_error(exc)})") from None
+    if meta.version != PROFILE_VERSION:
+        raise InputError(f"{path}: profile version {meta.version}, expected {PROFILE_VERSION}; re-run `mopeq profile`")
+    edges = [(a, b, float(d.get("weight", 0.0))) for a, b, d in graph.edges(data=True)]
+    return Profile(meta=meta, experts=nodes, edges=edges, sha256=sha256_file(path))
+
+
+class SolverReport(BaseModel):
+    backend: str
+    status: str  # "optimal", "feasible", "infeasible"
+    objective: float
+    bound: float
+    gap: float  # (objective - bound) / max(|objective|, eps), proven
+    seconds: float
+
+
+class ExpertPlan(BaseModel):
+    bits: int
+    cluster: str
+
+
+class Plan(BaseModel):
+    """What the compiler builds: one bit width per expert, and the evidence of how it was chosen."""
+
+    model_config = ConfigDict(extra="allow")
+
+    version: int = PLAN_VERSION
+    model_id: str
+    family: str
+    config_hash: str
+    profile_sha256: str
+    spec: dict[str, Any]
+    group_size: int
+    symmetric: bool
+    clip_search: bool = False
+    experts: dict[str, ExpertPlan]  # expert id -> bits, cluster
+    layers: dict[str, dict[str, float]]  # layer -> {bytes, budget_bytes, avg_bits}
+    totals: dict[str, float]  # bytes, budget_bytes, avg_bits, bf16_bytes, predicted_loss
+    solver: SolverReport
+
+
+def write_plan(plan: Plan, path: Path) -> None:
+    _atomic_write_json(path, plan.model_dump())
+
+
+def read_plan(path: Path) -> Plan:
+    raw = _read_json(path, "plan")
+    try:
+        plan = Plan(**raw)
+    except ValidationError as exc:
+        raise InputError(f"{path}: not a mopeq plan ({_first_error(exc)})") from None
+    if plan.version != PLAN_VERSION:
+        raise InputError(f"{path}: plan version {plan.version}, expected {PLAN_VERSION}; re-run `mopeq plan`")
+    return plan
+
+
+def _first_error(exc: Exception) -> str:
+    if isinstance(exc, ValidationError):
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err["loc"]) or "top level"
+        return f"{where}: {err['msg']}"
+    return str(exc)
+
+
+def _read_json(path: Path, what: str) -> Any:
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: {what} file not found")
+    try:
+        return json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InputError(f"{path}: not valid JSON ({exc})") from None
+
+
+def _atomic_write_json(path: Path, data: Any) -> None:
+    """Write to a temporary file beside ``path`` and rename it into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
+    tmp.replace(path)

@@ -1,0 +1,96 @@
+"""Calibration batches: the demo's own set, text from a ``.txt``/``.jsonl`` file, or image+prompt pairs.
+
+A batch is a dict: ``input_ids`` ``[B, T]``, optional ``images``, optional position-aligned ``labels``
+(``-100`` = ignored; absent means next-token prediction on ``input_ids``), and ``modality``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+
+from ..schemas import InputError
+
+DEMO_CALIB = "demo"
+
+
+def demo_batches(config, text_windows: int = 48, questions: int = 64, batch: int = 16) -> list[dict]:
+    """Training-split text windows and training-split digit questions (never the held-out data)."""
+    from ..demo.data import QUESTIONS, digit_images, text_windows as windows, vqa_batch
+    from ..demo.model import DemoConfig
+
+    cfg = DemoConfig.from_dict(config)
+    out = [{"input_ids": w, "modality": "text"} for w in windows("train", limit=text_windows).split(batch)]
+    images, labels = digit_images("train")
+    gen = torch.Generator().manual_seed(1234)
+    pick = torch.randperm(len(labels), generator=gen)[:questions]
+    names = list(QUESTIONS)
+    qs = [names[i % len(names)] for i in range(len(pick))]
+    ans = [QUESTIONS[q](d) for q, d in zip(qs, labels[pick].tolist())]
+    ids, lab, imgs = vqa_batch(cfg, images[pick], qs, ans)
+    for s in range(0, len(pick), batch):
+        out.append({"input_ids": ids[s:s + batch], "labels": lab[s:s + batch], "images": imgs[s:s + batch],
+                    "modality": "image"})
+    return out
+
+
+def text_file_batches(path: Path, tokenizer, seq_len: int = 256, batch: int = 8, max_windows: int = 64) -> list[dict]:
+    """Windows of ``seq_len`` tokens from a ``.txt`` file or a ``.jsonl`` file with a ``text`` field."""
+    texts = read_texts(path)
+    ids = []
+    for text in texts:
+        ids.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
+    n = min(len(ids) // seq_len, max_windows)
+    if n == 0:
+        raise InputError(f"{path}: {len(ids)} tokens, need at least {seq_len} for one calibration window")
+    windows = torch.tensor(ids[: n * seq_len]).view(n, seq_len)
+    return [{"input_ids": w, "modality": "text"} for w in windows.split(batch)]
+
+
+def read_texts(path: Path) -> list[str]:
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: calibration file not found")
+    try:
+        raw = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise InputError(f"{path}: not UTF-8 text") from None
+    if path.suffix != ".jsonl":
+        if not raw.strip():
+            raise InputError(f"{path}: calibration file is empty")
+        return [raw]
+    texts = []
+    for lineno, line in enumerate(raw.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise InputError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
+        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+            raise InputError(f"{path}:{lineno}: expected an object with a string field 'text'")
+        texts.append(record["text"])
+    if not texts:
+        raise InputError(f"{path}: no records")
+    return texts
+
+
+def batches_hash(batches: list[dict]) -> str:
+    h = hashlib.sha256()
+    for b in batches:
+        for key in ("input_ids", "labels", "images"):
+            if b.get(key) is not None:
+                h.update(b[key].contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def summary(batches: list[dict], source: str) -> dict:
+    tokens = sum(int(b["input_ids"].numel()) for b in batches)
+    by_modality: dict[str, int] = {}
+    for b in batches:
+        by_modality[b["modality"]] = by_modality.get(b["modality"], 0) + int(b["input_ids"].numel())
+    return {"source": source, "batches": len(batches), "tokens": tokens, "tokens_by_modality": by_modality,
+            "sha256": batches_hash(batches)}
