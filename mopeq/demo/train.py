@@ -72,7 +72,7 @@ def train(cfg: DemoConfig, steps: int, batch: int, lr: float, seed: int, log_eve
         vids, vlabels, vimgs = vqa_batch(cfg, noisy, qs, ans)
         vqa = answer_loss(model(vids, vimgs).logits, vlabels)
         balance = routers.balance_loss(cfg.num_experts_per_tok)
-        loss = lm + vqa + 0.02 * balance
+        loss = lm + vqa + 0.05 * balance
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -91,9 +91,10 @@ def main(argv=None) -> None:
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--log-every", type=int, default=50)
+    p.add_argument("--threads", type=int, default=1, help="torch threads (results depend on it only through float rounding)")
     p.add_argument("-o", "--output", type=Path, default=Path(__file__).parent / "weights")
     args = p.parse_args(argv)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    torch.set_num_threads(args.threads)
     model = train(DemoConfig(), args.steps, args.batch, args.lr, args.seed, args.log_every)
     save_demo(model, args.output)
     print(f"saved to {args.output}")
