@@ -12,6 +12,17 @@ Each planned expert matrix ``P`` (e.g. ``...mlp.experts.3.gate_proj``) becomes `
 (int32), ``P.weight_scale``, ``P.weight_zero_point`` (uint8, asymmetric only) and ``P.weight_shape``
 (int64 ``[out, in]``). The source is read one tensor at a time with ``safe_open``; output shards are
 flushed as they fill; everything is written under a temporary directory renamed into place at the end.
+
+Quantizers: ``rtn`` (group-wise round-to-nearest, ``compiler/quantize.py``) or ``gptq`` (error
+compensation from each expert's routed-input Gram, ``compiler/gptq.py``; the Grams come from a
+``grams.safetensors`` file written by ``mopeq.profiler.gram``). The manifest records which, with its
+settings and the Gram file's sha256.
+
+Target ``vllm`` (``plan.spec["target"] == "vllm"``): the plan is checked against what stock vLLM's
+compressed-tensors fused-MoE loader accepts (``check_vllm``) before anything is written.
+
+Determinism: the same source, plan, quantizer and Gram file give a byte-identical artifact (no
+timestamps; the manifest's versions are those of the installed packages).
 """
 
 from __future__ import annotations
@@ -30,12 +41,15 @@ from tqdm import tqdm
 from ..models import read_config, resolve_dir, skeleton
 from ..models.base import DiskTensor, ExpertRef
 from ..schemas import InputError, Plan, config_hash, sha256_file
+from .gptq import GPTQSettings, GramFile, Quantizer, gptq_quantize
 from .pack import pack_int32
-from .quantize import quantize
+from .quantize import QuantizedWeight, quantize
 
 ARTIFACT_VERSION = 1
 MANIFEST = "mopeq.json"
 SKIP_FILES = {"config.json", "model.safetensors.index.json", MANIFEST}
+VLLM_BITS = (4, 8)
+VLLM_GROUP_SIZE = 128
 
 
 @dataclass
@@ -84,10 +98,51 @@ def plan_jobs(plan: Plan, adapter, keys: set[str]) -> dict[str, list[Job]]:
     return jobs
 
 
-def quantize_job(job: Job, tensor: torch.Tensor, plan: Plan) -> dict[str, torch.Tensor]:
+@dataclass
+class MatrixQuantizer:
+    """The quantizer a compile uses: RTN, or GPTQ with Grams read lazily from a file."""
+
+    method: Quantizer = Quantizer.RTN
+    grams: GramFile | None = None
+    settings: GPTQSettings = GPTQSettings()
+
+    def __call__(self, job: "Job", w: torch.Tensor, plan: Plan, scale_dtype: torch.dtype) -> QuantizedWeight:
+        if self.method == Quantizer.RTN:
+            return quantize(w, job.bits, plan.group_size, plan.symmetric, plan.clip_search, scale_dtype)
+        gram = self.grams.gram(job.ref.id, job.matrix)
+        return gptq_quantize(w.float(), gram, job.bits, plan.group_size, plan.symmetric, plan.clip_search,
+                             self.grams.tokens.get(job.ref.id, 0), self.settings, scale_dtype)
+
+    def describe(self) -> dict:
+        out = {"method": self.method.value}
+        if self.method == Quantizer.GPTQ:
+            out.update(self.settings.to_dict(), grams_sha256=sha256_file(self.grams.path),
+                       weighting=self.grams.meta.get("weighting"))
+        return out
+
+
+def make_quantizer(method: str = "rtn", grams: Path | None = None, settings: GPTQSettings = GPTQSettings(),
+                   config_hash_: str | None = None) -> MatrixQuantizer:
+    """``rtn``, or ``gptq`` (needs ``grams``: a ``grams.safetensors`` from ``mopeq.profiler.gram``)."""
+    try:
+        method = Quantizer(method)
+    except ValueError:
+        raise InputError(f"quantizer: got {method!r}, expected one of {[q.value for q in Quantizer]}") from None
+    if method == Quantizer.RTN:
+        return MatrixQuantizer()
+    if grams is None:
+        raise InputError("quantizer gptq: needs a Gram file (--grams grams.safetensors, or --calib to collect one)")
+    gram_file = GramFile(grams)
+    if config_hash_ is not None:
+        gram_file.check_model(config_hash_)
+    return MatrixQuantizer(method, gram_file, settings)
+
+
+def quantize_job(job: Job, tensor: torch.Tensor, plan: Plan,
+                 quantizer: MatrixQuantizer | None = None) -> dict[str, torch.Tensor]:
     w = job.source.take(tensor)
     scale_dtype = tensor.dtype if tensor.dtype in (torch.float16, torch.bfloat16) else torch.float16
-    qw = quantize(w, job.bits, plan.group_size, plan.symmetric, plan.clip_search, scale_dtype)
+    qw = (quantizer or MatrixQuantizer())(job, w, plan, scale_dtype)
     out = {
         f"{job.name}.weight_packed": pack_int32(qw.codes, job.bits),
         f"{job.name}.weight_scale": qw.scale.contiguous(),
@@ -133,7 +188,29 @@ class ShardWriter:
         return weight_map
 
 
-def quantization_config(plan: Plan, jobs: dict[str, list[Job]]) -> dict:
+def check_vllm(plan: Plan, jobs: dict[str, list[Job]], adapter) -> None:
+    """Refuse a plan stock vLLM's compressed-tensors fused-MoE loader would reject (rules in tests/compiler)."""
+    if plan.spec.get("target") != "vllm":
+        return
+    if not plan.symmetric or plan.group_size != VLLM_GROUP_SIZE:
+        raise InputError(f"plan: target vllm needs symmetric quantization with group size {VLLM_GROUP_SIZE}, "
+                         f"got symmetric={plan.symmetric}, group_size={plan.group_size}")
+    by_layer: dict[int, set[int]] = defaultdict(set)
+    for job in (j for js in jobs.values() for j in js):
+        if job.bits not in VLLM_BITS:
+            raise InputError(f"plan: target vllm allows bits {VLLM_BITS}, expert {job.ref.id} has {job.bits}")
+        if not job.ref.shared:
+            by_layer[job.ref.layer].add(job.bits)
+        k = adapter.expert_weights(job.ref)[job.matrix].shape[1]
+        if k % VLLM_GROUP_SIZE:
+            raise InputError(f"plan: target vllm needs input dims divisible by {VLLM_GROUP_SIZE}; "
+                             f"{job.name} has {k}")
+    for layer, widths in sorted(by_layer.items()):
+        if len(widths) > 1:
+            raise InputError(f"plan: target vllm needs one bit width per layer; layer {layer} mixes {sorted(widths)}")
+
+
+def quantization_config(plan: Plan, jobs: dict[str, list[Job]], ignore: list[str] | None = None) -> dict:
     """compressed-tensors style: one config group per bit width, targets are module names."""
     targets: dict[int, list[str]] = defaultdict(list)
     for job in (j for js in jobs.values() for j in js):
@@ -150,13 +227,18 @@ def quantization_config(plan: Plan, jobs: dict[str, list[Job]]) -> dict:
         for bits, names in sorted(targets.items())
     }
     return {"quant_method": "compressed-tensors", "format": "mixed-precision" if len(groups) > 1 else "pack-quantized",
-            "quantization_status": "compressed", "config_groups": groups, "ignore": [],
+            "quantization_status": "compressed", "config_groups": groups, "ignore": sorted(ignore or []),
             "mopeq": {"version": ARTIFACT_VERSION, "layout": "int32 little-endian, LSB-first along input dim"}}
 
 
 def compile_artifact(model: str | Path, plan: Plan, output: Path, overwrite: bool = False,
-                     max_shard_bytes: int = 2 << 30, progress: bool = True) -> Path:
-    """Quantize and pack every planned expert of ``model`` into ``output``. Returns ``output``."""
+                     max_shard_bytes: int = 2 << 30, progress: bool = True,
+                     quantizer: MatrixQuantizer | None = None) -> Path:
+    """Quantize and pack every planned expert of ``model`` into ``output``. Returns ``output``.
+
+    Example: ``compile_artifact("demo", plan, Path("out"), quantizer=make_quantizer("gptq", grams))``.
+    """
+    quantizer = quantizer or MatrixQuantizer()
     directory = resolve_dir(model)
     config = read_config(directory)
     if config_hash(config) != plan.config_hash:
@@ -168,22 +250,35 @@ def compile_artifact(model: str | Path, plan: Plan, output: Path, overwrite: boo
     adapter = skeleton(config, directory)
     shard_of = source_shards(directory)
     jobs = plan_jobs(plan, adapter, set(shard_of))
+    check_vllm(plan, jobs, adapter)
     tmp = output.with_name(f".{output.name}.partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        weight_map = _write_tensors(shard_of, jobs, plan, ShardWriter(tmp, max_shard_bytes), progress)
-        _write_metadata(tmp, directory, config, plan, jobs, weight_map)
-        if output.exists():
-            shutil.rmtree(output)
-        tmp.rename(output)
+        weight_map, ignore = _write_tensors(shard_of, jobs, plan, ShardWriter(tmp, max_shard_bytes), progress,
+                                            quantizer)
+        _write_metadata(tmp, directory, config, plan, jobs, weight_map, ignore, quantizer)
+        _replace(tmp, output)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return output
 
 
-def _write_tensors(shard_of, jobs, plan, writer: ShardWriter, progress: bool) -> dict[str, str]:
+def _replace(tmp: Path, output: Path) -> None:
+    """Rename ``tmp`` to ``output``; an existing ``output`` is moved aside first and removed after."""
+    old = output.with_name(f".{output.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if output.exists():
+        output.rename(old)
+    tmp.rename(output)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _write_tensors(shard_of, jobs, plan, writer: ShardWriter, progress: bool,
+                   quantizer: MatrixQuantizer) -> tuple[dict[str, str], list[str]]:
+    """Stream every source tensor into ``writer``; returns the weight map and the unquantized 2-D modules."""
+    ignore = []
     by_shard: dict[Path, list[str]] = defaultdict(list)
     for key, path in shard_of.items():
         by_shard[path].append(key)
@@ -194,21 +289,25 @@ def _write_tensors(shard_of, jobs, plan, writer: ShardWriter, progress: bool) ->
                 tensor = f.get_tensor(key)
                 if key in jobs:
                     for job in jobs[key]:
-                        for name, t in quantize_job(job, tensor, plan).items():
+                        for name, t in quantize_job(job, tensor, plan, quantizer).items():
                             writer.add(name, t)
                 else:
                     writer.add(key, tensor)
+                    if tensor.dim() == 2 and key.endswith(".weight"):
+                        ignore.append(key[: -len(".weight")])
+                del tensor
                 bar.update()
     bar.close()
-    return writer.finish()
+    return writer.finish(), ignore
 
 
 def _natural(key: str):
     return [int(p) if p.isdigit() else p for p in key.split(".")]
 
 
-def _write_metadata(tmp: Path, source: Path, config: dict, plan: Plan, jobs, weight_map: dict) -> None:
-    config = dict(config, quantization_config=quantization_config(plan, jobs))
+def _write_metadata(tmp: Path, source: Path, config: dict, plan: Plan, jobs, weight_map: dict,
+                    ignore: list[str], quantizer: MatrixQuantizer) -> None:
+    config = dict(config, quantization_config=quantization_config(plan, jobs, ignore))
     (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     total = sum((tmp / f).stat().st_size for f in set(weight_map.values()))
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
@@ -220,7 +319,8 @@ def _write_metadata(tmp: Path, source: Path, config: dict, plan: Plan, jobs, wei
     shards = sorted(set(weight_map.values()))
     manifest = {"version": ARTIFACT_VERSION, "config_hash": plan.config_hash, "plan": plan.model_dump(),
                 "shards": {s: sha256_file(tmp / s) for s in shards},
-                "versions": _versions(), "source_config_hash": config_hash(config)}
+                "versions": _versions(), "source_config_hash": config_hash(config),
+                "quantizer": quantizer.describe()}
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
 
 

@@ -33,14 +33,17 @@ def pack_int32(codes: torch.Tensor, bits: int) -> torch.Tensor:
     _check_bits(bits)
     *lead, k = codes.shape
     words = packed_words(k, bits)
-    codes = codes.to(torch.int64)
     if 32 % bits == 0:
         per_word = 32 // bits
-        padded = torch.zeros(*lead, words * per_word, dtype=torch.int64, device=codes.device)
+        padded = torch.zeros(*lead, words * per_word, dtype=torch.int32, device=codes.device)
         padded[..., :k] = codes
-        shifts = torch.arange(per_word, device=codes.device, dtype=torch.int64) * bits
-        packed = (padded.view(*lead, words, per_word) << shifts).sum(-1)
+        lanes = padded.view(*lead, words, per_word)
+        packed = lanes[..., 0].clone()
+        for i in range(1, per_word):  # int32 arithmetic: the top lane's shift wraps like a C cast
+            packed |= lanes[..., i] << (bits * i)
+        return packed
     else:
+        codes = codes.to(torch.int64)
         bit_index = torch.arange(bits, device=codes.device, dtype=torch.int64)
         stream = ((codes.unsqueeze(-1) >> bit_index) & 1).flatten(-2)  # [..., K*bits]
         padded = torch.zeros(*lead, words * 32, dtype=torch.int64, device=codes.device)

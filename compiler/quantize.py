@@ -61,7 +61,7 @@ def _params(wg: torch.Tensor, bits: int, symmetric: bool, ratio: float):
 
 
 def _codes(wg, scale, zero, bits):
-    return (wg / scale[..., None] + zero[..., None]).round().clamp(0, 2**bits - 1)
+    return (wg / scale[..., None]).add_(zero[..., None]).round_().clamp_(0, 2**bits - 1)
 
 
 def quantize(w: torch.Tensor, bits: int, group_size: int, symmetric: bool = False,
@@ -84,6 +84,9 @@ def quantize(w: torch.Tensor, bits: int, group_size: int, symmetric: bool = Fals
         scale, zero = _params(wg, bits, symmetric, ratio)
         scale = scale.to(scale_dtype).float().clamp(min=torch.finfo(scale_dtype).tiny)
         q = _codes(wg, scale, zero, bits)
+        if not clip_search:  # one candidate: no error to compare
+            best = [scale, zero, q, None]
+            break
         err = ((q - zero[..., None]) * scale[..., None] - wg).pow(2).sum(-1)  # [N, G]
         if best is None:
             best = [scale, zero, q, err]

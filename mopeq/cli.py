@@ -34,6 +34,17 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--symmetric", action="store_true", help="symmetric quantization (no zero points)")
     s.add_argument("--clip-search", action="store_true", help="search a clipping ratio per group")
     s.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+    s.add_argument("--curvature", default="", help="loss-curvature sources to add, comma-separated: hessian "
+                   "(Hutchinson), fisher (exact empirical Fisher), gauss-newton (Hutchinson, PSD)")
+    s.add_argument("--probes", type=int, default=32, help="most Hutchinson probes (default: %(default)s)")
+    s.add_argument("--tolerance", type=float, default=0.1, help="stop probing once every expert's standard error "
+                   "is below this fraction of its trace (default: %(default)s)")
+    s.add_argument("--ablation", action="store_true", help="also measure the calibration-loss increase of "
+                   "quantizing each expert alone to each width (one pass per expert and width: small models)")
+    s.add_argument("--resume", type=Path, default=None, metavar="DIR", help="profile layer by layer, writing one "
+                   "checkpoint per finished layer to DIR and continuing from DIR's checkpoints (no loss curvature)")
+    s.add_argument("--max-memory", default=None, help="e.g. 8G: stream one layer at a time when the float32 "
+                   "weights exceed this (no loss curvature in that mode)")
 
     s = sub.add_parser("plan", help="solve for one bit width per expert under a YAML budget spec (plan.json)",
                        description="Read a budget spec and a profile; solve the multiple-choice knapsack with "
@@ -49,6 +60,15 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--plan", type=Path, required=True, help="plan.json from `mopeq plan`")
     s.add_argument("-o", "--output", type=Path, required=True, help="artifact directory to create")
     s.add_argument("--overwrite", action="store_true", help="replace an existing artifact")
+    s.add_argument("--quantizer", default="rtn", choices=["rtn", "gptq"],
+                   help="rtn: round-to-nearest; gptq: error compensation from routed-input Grams (default: %(default)s)")
+    s.add_argument("--grams", type=Path, default=None, help="gptq: grams.safetensors to read (or to write, with --calib)")
+    s.add_argument("--calib", default=None, help="gptq: collect the Grams first from 'demo', a .txt or a .jsonl file "
+                   "(written to --grams, default OUTPUT.grams.safetensors)")
+    s.add_argument("--weighting", default="routing", choices=["routing", "none"],
+                   help="gptq Grams from --calib: rows weighted by routing weight squared, or not (default: %(default)s)")
+    s.add_argument("--damp", type=float, default=0.01, help="gptq: dampening, fraction of mean diag (default: %(default)s)")
+    s.add_argument("--act-order", action="store_true", help="gptq: quantize columns by decreasing Gram diagonal")
 
     s = sub.add_parser("run", help="load an artifact and answer a prompt",
                        description="Load ARTIFACT (checksums verified) and generate text for --prompt; for the demo "
@@ -64,6 +84,25 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("model", help="artifact directory, model directory, or 'demo'")
     s.add_argument("--task", default="demo", choices=["demo", "perplexity"], help="task (default: %(default)s)")
     s.add_argument("--text", type=Path, default=None, help="text file for the perplexity task")
+    s.add_argument("--json", action="store_true", help="print the result as JSON")
+
+    s = sub.add_parser("pareto", help="size vs. measured quality for every allocation method (demo model)",
+                       description="Profile once, then for each method, scope and budget of the spec's sweep: plan, "
+                       "compile, load and measure held-out perplexity, accuracy and KL. Writes points.csv, "
+                       "points.json, pareto.png and report.md; an interrupted sweep resumes from finished points.")
+    s.add_argument("spec", type=Path, help="budget spec with a sweep section (e.g. specs/demo-pareto.yaml)")
+    s.add_argument("-o", "--output", type=Path, default=Path("pareto"), help="output directory (default: %(default)s)")
+    s.add_argument("--methods", default=None, help="comma-separated sensitivity sources (default: hessian, fisher, "
+                   "gauss-newton, hessian-local, frequency; uniform is always included)")
+    s.add_argument("--scopes", default="global,layer", help="comma-separated scopes (default: %(default)s)")
+
+    s = sub.add_parser("estimate", help="planned memory footprint of a real model from its config (no weights)",
+                       description="Plan MODEL under SPEC from a synthetic profile (real sizes, seeded synthetic "
+                       "sensitivities) and report bf16 vs planned size in GB. MODEL: a shipped seed config "
+                       "(deepseek-vl2-tiny, deepseek-vl2-small, deepseek-vl2, molmoe-1b), a config.json or a model directory.")
+    s.add_argument("model", help="seed model name, config.json, or model directory")
+    s.add_argument("--spec", type=Path, required=True, help="YAML budget spec (see specs/)")
+    s.add_argument("--seed", type=int, default=0, help="seed of the synthetic sensitivities (default: %(default)s)")
     s.add_argument("--json", action="store_true", help="print the result as JSON")
 
     s = sub.add_parser("demo", help="run the whole chain on the built-in demo model and print one table",
@@ -84,28 +123,52 @@ def _bits(text: str) -> list[int]:
 
 
 def cmd_profile(args) -> None:
-    from .models import DEMO, open_model
-    from .profiler.calibration import demo_batches, summary, text_file_batches
-    from .profiler.profile import profile_model
+    from .models import DEMO, read_config, resolve_dir
+    from .profiler.calibration import demo_batches, image_folder_batches, summary, text_file_batches
+    from .profiler.curvature import parse_sources
+    from .profiler.stream import checkpoint_bytes, parse_memory, profile_streamed
     from .schemas import write_profile
 
     bits = _bits(args.bits)
     if args.group_size < 1:
         raise InputError(f"--group-size: got {args.group_size}, expected a positive integer")
-    loaded = open_model(args.model)
-    calib = args.calib or (DEMO if loaded.config["model_type"] == "mopeq_demo_vlm" else None)
+    if args.probes < 2 or args.tolerance < 0:
+        raise InputError(f"--probes/--tolerance: got {args.probes}/{args.tolerance}, expected >= 2 and >= 0")
+    sources = parse_sources(args.curvature)
+    directory = resolve_dir(args.model)
+    config = read_config(directory)
+    calib = args.calib or (DEMO if config["model_type"] == "mopeq_demo_vlm" else None)
     if calib is None:
         raise InputError("--calib: required for this model (a .txt or .jsonl file)")
     if calib == DEMO:
-        if loaded.config["model_type"] != "mopeq_demo_vlm":
+        if config["model_type"] != "mopeq_demo_vlm":
             raise InputError("--calib demo: only for the demo model")
-        batches = demo_batches(loaded.config)
+        batches = demo_batches(config)
+    elif Path(calib).is_dir():
+        batches = image_folder_batches(Path(calib), config)
     else:
-        batches = text_file_batches(Path(calib), _tokenizer(loaded.directory))
-    profile = profile_model(loaded, batches, summary(batches, str(calib)), bits, args.group_size,
-                            args.symmetric, args.clip_search, args.seed)
+        batches = text_file_batches(Path(calib), _tokenizer(directory))
+    info = summary(batches, str(calib))
+    streamed = args.resume is not None or (
+        args.max_memory is not None and checkpoint_bytes(directory) > parse_memory(args.max_memory))
+    if streamed:
+        if sources or args.ablation:
+            print("note: layer-streamed mode: --curvature/--ablation need the whole model and are not computed")
+        profile, _ = profile_streamed(args.model, batches, info, bits, args.group_size, args.symmetric,
+                                      args.clip_search, args.seed, checkpoint_dir=args.resume)
+    else:
+        profile = _profile_in_memory(args, batches, info, bits, sources)
     write_profile(profile, args.output)
     print(f"wrote {args.output}: {len(profile.experts)} experts, calibration loss {profile.meta.calibration['loss']:.4f}")
+
+
+def _profile_in_memory(args, batches, info, bits, sources):
+    from .models import open_model
+    from .profiler.profile import profile_model
+
+    return profile_model(open_model(args.model), batches, info, bits, args.group_size, args.symmetric,
+                         args.clip_search, args.seed, curvature=tuple(sources), probes=args.probes,
+                         tolerance=args.tolerance, ablation=args.ablation)
 
 
 def _tokenizer(directory: Path):
@@ -133,9 +196,39 @@ def cmd_compile(args) -> None:
     from .compiler.artifact import compile_artifact
     from .schemas import read_plan
 
-    out = compile_artifact(args.model, read_plan(args.plan), args.output, overwrite=args.overwrite)
+    from .compiler.artifact import make_quantizer
+    from .compiler.gptq import GPTQSettings
+
+    plan = read_plan(args.plan)
+    if args.output.exists() and not args.overwrite:
+        raise InputError(f"{args.output}: already exists (pass --overwrite to replace it)")
+    if args.damp <= 0:
+        raise InputError(f"--damp: got {args.damp}, expected a positive number")
+    grams = args.grams
+    if args.quantizer == "gptq" and args.calib is not None:
+        grams = _collect_grams(args, grams or args.output.with_name(f"{args.output.name}.grams.safetensors"))
+    quantizer = make_quantizer(args.quantizer, grams, GPTQSettings(args.damp, args.act_order), plan.config_hash)
+    out = compile_artifact(args.model, plan, args.output, overwrite=args.overwrite, quantizer=quantizer)
     size = sum(f.stat().st_size for f in out.glob("*.safetensors"))
     print(f"wrote {out}: {size / 2**20:.2f} MiB of safetensors")
+
+
+def _collect_grams(args, path: Path) -> Path:
+    """Run ``--calib`` through the model and write its per-expert Grams to ``path``."""
+    from .models import DEMO, open_model
+    from .profiler.calibration import demo_batches, text_file_batches
+    from .profiler.gram import grams_for
+
+    loaded = open_model(args.model)
+    if args.calib == DEMO:
+        if loaded.config["model_type"] != "mopeq_demo_vlm":
+            raise InputError("--calib demo: only for the demo model")
+        batches = demo_batches(loaded.config)
+    else:
+        batches = text_file_batches(Path(args.calib), _tokenizer(loaded.directory))
+    grams_for(loaded, batches, path, args.weighting, calibration=str(args.calib))
+    print(f"wrote {path}: Grams of {len(loaded.adapter.experts())} experts", file=sys.stderr)
+    return path
 
 
 def _open_any(path: str):
@@ -206,14 +299,38 @@ def cmd_eval(args) -> None:
                                                            for k, v in result.items()))
 
 
+def cmd_pareto(args) -> None:
+    from .pareto import run_pareto
+
+    scopes = [x.strip() for x in args.scopes.split(",") if x.strip()]
+    if not scopes or any(x not in ("global", "layer") for x in scopes):
+        raise InputError(f"--scopes: got {args.scopes!r}, expected global and/or layer")
+    methods = None if args.methods is None else [x.strip() for x in args.methods.split(",") if x.strip()]
+    result = run_pareto(args.spec, args.output, methods, scopes)
+    print(f"wrote {args.output}/points.csv, points.json, pareto.png, report.md ({len(result['points'])} points)")
+
+
 def cmd_demo(args) -> None:
     from .demo.run import run_demo
 
     run_demo(args.spec, args.output)
 
 
+def cmd_estimate(args) -> None:
+    from .estimate import estimate
+
+    r = estimate(args.model, args.spec, args.seed)
+    if args.json:
+        print(json.dumps(r))
+        return
+    print(f"{r['model']}: {r['moe_layers']} MoE layers x {r['experts_per_layer']} experts (top-{r['top_k']}); "
+          f"experts {r['experts_bf16_gb']:.2f} GB bf16 -> {r['experts_planned_gb']:.2f} GB at {r['avg_bits']:.2f} bits; "
+          f"whole model {r['total_bf16_gb']:.2f} GB -> {r['total_planned_gb']:.2f} GB ({r['solver']})")
+
+
 COMMANDS = {"profile": cmd_profile, "plan": cmd_plan, "compile": cmd_compile, "run": cmd_run,
-            "eval": cmd_eval, "demo": cmd_demo}
+            "eval": cmd_eval, "pareto": cmd_pareto, "demo": cmd_demo,
+            "estimate": cmd_estimate}
 
 
 def main(argv=None) -> int:

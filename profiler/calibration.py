@@ -94,3 +94,72 @@ def summary(batches: list[dict], source: str) -> dict:
         by_modality[b["modality"]] = by_modality.get(b["modality"], 0) + int(b["input_ids"].numel())
     return {"source": source, "batches": len(batches), "tokens": tokens, "tokens_by_modality": by_modality,
             "sha256": batches_hash(batches)}
+
+
+IMAGE_INDEX = "index.jsonl"
+
+
+def image_folder_batches(folder: Path, config: dict, batch: int = 16) -> list[dict]:
+    """Image+question+answer batches for the demo VLM from ``folder/index.jsonl``.
+
+    Each line: ``{"image": "relative/path.npy|.png", "question": "...", "answer": "..."}``. Images are
+    8x8 ``.npy`` arrays with values in [0, 1], or PNGs (converted to grey, resized to 8x8, scaled to [0, 1]).
+    """
+    from ..demo.data import vqa_batch
+    from ..demo.model import DemoConfig
+
+    folder = Path(folder)
+    if config.get("model_type") != "mopeq_demo_vlm":
+        raise InputError(f"{folder}: image calibration folders are only supported for the demo VLM")
+    records = _image_records(folder)
+    images = torch.stack([load_image(folder / r["image"], where) for where, r in records])
+    ids, labels, imgs = vqa_batch(DemoConfig.from_dict(config), images, [r["question"] for _, r in records],
+                                  [r["answer"] for _, r in records])
+    return [{"input_ids": ids[s:s + batch], "labels": labels[s:s + batch], "images": imgs[s:s + batch],
+             "modality": "image"} for s in range(0, len(records), batch)]
+
+
+def _image_records(folder: Path) -> list[tuple[str, dict]]:
+    index = folder / IMAGE_INDEX
+    if not index.is_file():
+        raise InputError(f"{folder}: no {IMAGE_INDEX} (one JSON object per line with image, question, answer)")
+    out = []
+    for lineno, line in enumerate(index.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        where = f"{index}:{lineno}"
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise InputError(f"{where}: not valid JSON ({exc.msg})") from None
+        if not isinstance(record, dict) or not all(isinstance(record.get(k), str) for k in ("image", "question", "answer")):
+            raise InputError(f"{where}: expected an object with string fields 'image', 'question', 'answer'")
+        out.append((where, record))
+    if not out:
+        raise InputError(f"{index}: no records")
+    return out
+
+
+def load_image(path: Path, where: str, size: int = 8) -> torch.Tensor:
+    """An ``[8, 8]`` float image in [0, 1] from ``.npy`` or ``.png``."""
+    import numpy as np
+
+    if not path.is_file():
+        raise InputError(f"{where}: image {path} not found")
+    if path.suffix == ".npy":
+        try:
+            arr = np.load(path, allow_pickle=False)
+        except ValueError as exc:
+            raise InputError(f"{where}: {path} is not a numpy array ({exc})") from None
+        if arr.shape != (size, size) or not np.issubdtype(arr.dtype, np.number):
+            raise InputError(f"{where}: {path} has shape {arr.shape} dtype {arr.dtype}, expected numeric ({size}, {size})")
+        return torch.tensor(arr, dtype=torch.float32).clamp(0, 1)
+    if path.suffix.lower() == ".png":
+        from PIL import Image, UnidentifiedImageError
+
+        try:
+            img = Image.open(path).convert("L").resize((size, size), Image.BILINEAR)
+        except (UnidentifiedImageError, OSError) as exc:
+            raise InputError(f"{where}: {path} is not a readable PNG ({exc})") from None
+        return torch.tensor(np.asarray(img, dtype=np.float32) / 255.0)
+    raise InputError(f"{where}: {path} has suffix {path.suffix!r}, expected .npy or .png")

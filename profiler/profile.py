@@ -42,6 +42,7 @@ class RoutingRecorder:
             shared = self.adapter.shared_module(layer)
             if shared is not None:
                 self.handles.append(shared.register_forward_pre_hook(self._shared_hook(layer)))
+                self.handles.append(shared.down_proj.register_forward_pre_hook(self._shared_mid_hook(layer)))
 
     def _routed_hook(self, layer: int):
         def hook(module, args):
@@ -52,27 +53,56 @@ class RoutingRecorder:
     def _shared_hook(self, layer: int):
         def hook(module, args):
             x = args[0].detach().reshape(-1, args[0].shape[-1])
-            ref = ExpertRef(layer, 0, shared=True)
-            h = module.act_fn(module.gate_proj(x)) * module.up_proj(x)
-            self._add(ref, len(x), float(len(x)), float(x.pow(2).sum()), float(h.pow(2).sum()))
+            self._add(ExpertRef(layer, 0, shared=True), len(x), float(len(x)), float(x.pow(2).sum()), 0.0)
+        return hook
+
+    def _shared_mid_hook(self, layer: int):
+        """The shared expert's down-projection input ``h`` is captured, not recomputed."""
+        def hook(module, args):
+            self.sq_mid[ExpertRef(layer, 0, shared=True)] += float(args[0].detach().float().pow(2).sum())
         return hook
 
     @torch.no_grad()
     def observe_routed(self, layer: int, hidden, index, weights) -> None:
+        """Per-expert token count, routing mass, ``sum g^2 ||x||^2`` and ``sum g^2 ||h||^2``, vectorised.
+
+        ``h = act(x W_gate^T) * (x W_up^T)`` (the down-projection input) is recomputed for every
+        (token, expert) pair with one grouped matmul over tokens sorted by expert.
+        """
         flat = index.reshape(-1)
-        token = torch.arange(index.shape[0], device=index.device).repeat_interleave(index.shape[1])
-        g = weights.reshape(-1).float()
-        sq_x = hidden.float().pow(2).sum(-1)
-        act = self.adapter.experts_module(layer).act_fn
-        for j in flat.unique().tolist():
-            sel = flat == j
-            ref = ExpertRef(layer, j)
-            w = self.adapter.expert_weights(ref)
-            x = hidden[token[sel]].float()
-            h = act(x @ w["gate"].float().t()) * (x @ w["up"].float().t())
-            g2 = g[sel].pow(2)
-            self._add(ref, int(sel.sum()), float(g[sel].sum()), float((g2 * sq_x[token[sel]]).sum()),
-                      float((g2 * h.pow(2).sum(-1)).sum()))
+        order = flat.argsort(stable=True)
+        token = torch.div(order, index.shape[1], rounding_mode="floor")
+        g2 = weights.reshape(-1)[order].float().pow(2)
+        x = hidden[token].float()  # [N*k, H], grouped by expert
+        num = self.adapter.num_experts(layer)
+        counts = torch.bincount(flat, minlength=num)
+        h_sq = self._mid_norms(layer, x, counts)
+        stats = torch.zeros(4, num, dtype=torch.float64)
+        stats[0] = counts.double()
+        stats[1].index_add_(0, flat, weights.reshape(-1).double())
+        stats[2].index_add_(0, flat[order], (g2 * x.pow(2).sum(-1)).double())
+        stats[3].index_add_(0, flat[order], (g2 * h_sq).double())
+        for j in counts.nonzero().flatten().tolist():
+            self._add(ExpertRef(layer, j), int(stats[0, j]), float(stats[1, j]), float(stats[2, j]), float(stats[3, j]))
+
+    def _mid_norms(self, layer: int, x, counts) -> torch.Tensor:
+        """``||h||^2`` per row of ``x`` (rows grouped by expert, ``counts`` rows each)."""
+        module = self.adapter.experts_module(layer)
+        gate_up = getattr(module, "gate_up_proj", None)
+        fused = gate_up is not None and gate_up.dim() == 3 and gate_up.shape[-1] == x.shape[-1]
+        if fused and x.dtype == gate_up.dtype == torch.float32:
+            offs = counts.cumsum(0).to(torch.int32)
+            gu = torch.nn.functional.grouped_mm(x, gate_up.detach().transpose(-2, -1), offs=offs)  # [N*k, 2I]
+            gate, up = gu.chunk(2, dim=-1)
+            return (module.act_fn(gate) * up).pow(2).sum(-1)
+        out, start = [], 0
+        for j, n in enumerate(counts.tolist()):
+            if n:
+                w = self.adapter.expert_weights(ExpertRef(layer, j))
+                xs = x[start:start + n]
+                out.append((module.act_fn(xs @ w["gate"].float().t()) * (xs @ w["up"].float().t())).pow(2).sum(-1))
+            start += n
+        return torch.cat(out) if out else x.new_zeros(0)
 
     def _add(self, ref, n, mass, sq_in, sq_mid):
         self.tokens[ref] += n
@@ -150,18 +180,53 @@ def non_expert_bytes(loaded: LoadedModel) -> int:
 
 def profile_model(loaded: LoadedModel, batches: list[dict], calibration: dict, bits=(2, 3, 4, 8),
                   group_size: int = 128, symmetric: bool = False, clip_search: bool = False, seed: int = 0,
-                  progress: bool = True) -> Profile:
-    """Profile every expert of ``loaded`` on ``batches``. Example: ``profile_model(open_model("demo"), ...)``."""
+                  progress: bool = True, curvature: tuple[str, ...] = (), probes: int = 32,
+                  tolerance: float = 0.1, ablation: bool = False) -> Profile:
+    """Profile every expert of ``loaded`` on ``batches``. Example: ``profile_model(open_model("demo"), ...)``.
+
+    ``curvature`` adds loss-curvature sources from ``curvature.SOURCES`` ("hessian", "fisher",
+    "gauss-newton") to every node's ``trace``; ``ablation`` fills ``node.ablation`` (one loss per expert
+    and width: small models only).
+    """
     torch.manual_seed(seed)
     settings = {"bits": sorted(bits), "group_size": group_size, "symmetric": symmetric,
                 "clip_search": clip_search, "seed": seed}
+    if curvature:
+        settings.update(curvature=list(curvature), probes=probes, tolerance=tolerance)
     rec, loss = run_calibration(loaded, batches, progress)
     total = calibration["tokens"]
     refs = loaded.adapter.experts()
     nodes = [expert_node(loaded.adapter, r, rec, total, settings)
              for r in tqdm(refs, desc="quant error", unit="expert", disable=not progress)]
+    add_curvature(loaded.adapter, batches, nodes, curvature, probes, tolerance, seed)
+    if ablation:
+        add_ablation(loaded.adapter, batches, nodes, settings)
     edges = [e for layer in loaded.adapter.moe_layers() for e in similarity_edges(loaded.adapter, layer)]
     meta = ProfileMeta(model_id=loaded.model_id, family=loaded.adapter.family, config_hash=loaded.config_hash,
                        calibration=dict(calibration, loss=loss), settings=settings, top_k=loaded.adapter.top_k(),
                        non_expert_bytes=non_expert_bytes(loaded))
     return Profile(meta=meta, experts=nodes, edges=edges)
+
+
+def add_curvature(adapter, batches, nodes: list[ExpertNode], sources, probes: int, tolerance: float, seed: int) -> None:
+    """Add each requested loss-curvature source (see ``curvature.py``) to every node and redo sensitivity."""
+    from .curvature import curvature_traces
+
+    if not sources:
+        return
+    traces = curvature_traces(adapter, batches, list(sources), probes, tolerance, seed)
+    for node in nodes:
+        ref = ExpertRef(node.layer, node.expert, node.shared)
+        for source, by_ref in traces.items():
+            node.trace[source] = by_ref[ref]
+        add_sensitivity(node)
+
+
+def add_ablation(adapter, batches, nodes: list[ExpertNode], settings: dict) -> None:
+    from .curvature import ablation
+
+    refs = [ExpertRef(n.layer, n.expert, n.shared) for n in nodes]
+    losses = ablation(adapter, batches, refs, settings["bits"], settings["group_size"], settings["symmetric"],
+                      settings["clip_search"])
+    for node, ref in zip(nodes, refs):
+        node.ablation = losses[ref]

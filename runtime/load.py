@@ -16,7 +16,7 @@ import torch
 from safetensors import safe_open
 
 from ..compiler.pack import SUPPORTED_BITS, packed_words
-from ..models import LoadedModel, adapter_class, skeleton
+from ..models import LoadedModel, skeleton
 from ..models.base import MATRICES, ExpertRef
 from ..schemas import InputError, sha256_file
 from .qlayer import PackedMatrix, QuantizedExperts, QuantizedLinear
@@ -108,9 +108,9 @@ def load(artifact_dir: str | Path, device: str = "cpu", verify: bool = True) -> 
     adapter = skeleton(config, directory, device="cpu")
     bits = {eid: e["bits"] for eid, e in plan["experts"].items()}
     _swap_experts(adapter, tensors, bits, plan["group_size"])
-    _load_dense(adapter.model, tensors, directory)
+    _load_dense(adapter.model, adapter.memory_tensors(tensors), directory)
     model = adapter.model.to(device).eval()
-    return QuantizedModel(model, adapter_class(config, directory)(model), config, plan["model_id"], directory, manifest)
+    return QuantizedModel(model, adapter, config, plan["model_id"], directory, manifest)
 
 
 def _swap_experts(adapter, tensors: dict, bits: dict, group_size: int) -> None:

@@ -16,6 +16,10 @@ from torch import nn
 from ..schemas import InputError, config_hash
 from .base import ExpertRef, MoEAdapter
 from .deepseek import DeepseekAdapter, DemoAdapter
+from .deepseek_vl2 import DeepseekVL2Adapter
+from .mixtral import MixtralAdapter
+from .olmoe import OlmoeAdapter
+from .qwen_moe import Qwen2MoeAdapter, Qwen3MoeAdapter, Qwen3VLMoeAdapter
 
 DEMO = "demo"
 
@@ -24,6 +28,13 @@ ADAPTERS: dict[str, type[MoEAdapter]] = {
     "mopeq_demo_vlm": DemoAdapter,
     "deepseek_v2": DeepseekAdapter,
     "deepseek_v3": DeepseekAdapter,
+    "deepseek_vl_v2": DeepseekVL2Adapter,
+    "mixtral": MixtralAdapter,
+    "minimax": MixtralAdapter,
+    "qwen2_moe": Qwen2MoeAdapter,
+    "qwen3_moe": Qwen3MoeAdapter,
+    "qwen3_vl_moe": Qwen3VLMoeAdapter,
+    "olmoe": OlmoeAdapter,
 }
 
 
@@ -65,10 +76,20 @@ def read_config(directory: Path) -> dict:
 
 def adapter_class(config: dict, where: Path) -> type[MoEAdapter]:
     model_type = config.get("model_type")
+    if model_type not in ADAPTERS and _known_to_transformers(model_type):
+        from .generic import GenericAdapter
+
+        return GenericAdapter  # detects the MoE layout when built, or names what it could not find
     if model_type not in ADAPTERS:
         raise InputError(f"{where}: model_type {model_type!r} is not supported "
                          f"(supported: {', '.join(sorted(ADAPTERS))})")
     return ADAPTERS[model_type]
+
+
+def _known_to_transformers(model_type) -> bool:
+    from transformers import CONFIG_MAPPING
+
+    return isinstance(model_type, str) and model_type in CONFIG_MAPPING
 
 
 def _hf_config(config: dict):
@@ -82,7 +103,10 @@ def skeleton(config: dict, where: Path, device: str = "meta") -> MoEAdapter:
     """An adapter over a weightless module tree (``device="meta"``) built from ``config``."""
     cls = adapter_class(config, where)
     with torch.device(device):
-        if config["model_type"] == "mopeq_demo_vlm":
+        model = cls.build_model(config, where)
+        if model is not None:
+            pass
+        elif config["model_type"] == "mopeq_demo_vlm":
             from ..demo.model import DemoConfig, DemoVLM
 
             model = DemoVLM(DemoConfig.from_dict(config))
@@ -90,7 +114,9 @@ def skeleton(config: dict, where: Path, device: str = "meta") -> MoEAdapter:
             from transformers import AutoModelForCausalLM
 
             model = AutoModelForCausalLM.from_config(_hf_config(config), attn_implementation="eager")
-    return cls(model)
+    adapter = cls(model)
+    adapter.source_dir = Path(where)
+    return adapter
 
 
 def open_model(path: str | Path, dtype: torch.dtype = torch.float32) -> LoadedModel:
@@ -98,7 +124,10 @@ def open_model(path: str | Path, dtype: torch.dtype = torch.float32) -> LoadedMo
     directory = resolve_dir(path)
     config = read_config(directory)
     cls = adapter_class(config, directory)
-    if config["model_type"] == "mopeq_demo_vlm":
+    model = cls.load_model(directory, config, dtype)
+    if model is not None:
+        pass
+    elif config["model_type"] == "mopeq_demo_vlm":
         from ..demo.model import load_demo
 
         model = load_demo(directory, dtype)
@@ -108,7 +137,9 @@ def open_model(path: str | Path, dtype: torch.dtype = torch.float32) -> LoadedMo
         model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, attn_implementation="eager")
     model.eval()
     model_id = DEMO if str(path) == DEMO else str(config.get("_name_or_path") or directory.name)
-    return LoadedModel(model, cls(model), config, model_id, directory)
+    adapter = cls(model)
+    adapter.source_dir = directory
+    return LoadedModel(model, adapter, config, model_id, directory)
 
 
 __all__ = ["ADAPTERS", "DEMO", "ExpertRef", "LoadedModel", "MoEAdapter", "open_model", "read_config",

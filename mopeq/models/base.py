@@ -161,6 +161,26 @@ class MoEAdapter:
             return f"{prefix}.{self.shared_attr}.{matrix}_proj"
         return f"{prefix}.{self.experts_attr}.{ref.expert}.{matrix}_proj"
 
+    def memory_tensors(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Checkpoint (on-disk) non-expert tensors renamed/converted to the in-memory ``state_dict``.
+
+        Identity for families saved under their module names; the runtime loader applies it to an
+        artifact's dense tensors before loading them.
+        """
+        return tensors
+
+    # --- building ----------------------------------------------------------------------------------
+    @classmethod
+    def build_model(cls, config: dict, where) -> nn.Module | None:
+        """A custom module tree for ``config`` (called under a ``torch.device`` context); None means
+        transformers' ``AutoModelForCausalLM.from_config``. ``where`` is the model/artifact directory."""
+        return None
+
+    @classmethod
+    def load_model(cls, directory, config: dict, dtype: torch.dtype) -> nn.Module | None:
+        """A custom loader with real weights; None means ``AutoModelForCausalLM.from_pretrained``."""
+        return None
+
     # --- running -----------------------------------------------------------------------------------
     def forward(self, batch: dict) -> torch.Tensor:
         """Logits for one calibration batch ``{"input_ids": [B, T], ...}``."""

@@ -1,0 +1,37 @@
+"""Where expert matrices sit inside fused checkpoint tensors, for every orientation seen in the wild.
+
+``[E, 2I, H]``/``[E, H, I]`` is transformers' in-memory layout (gate rows first, then up);
+``[E, H, 2I]``/``[E, I, H]`` is the transposed one some hub checkpoints store (Qwen3-VL-MoE);
+megablocks-style ``[E*I, H]`` stacks (MolmoE/OLMo ``w1``/``v1``/``w2``) hold expert ``j`` in rows
+``j*I:(j+1)*I`` (``w2`` transposed: ``down_j = w2[j*I:(j+1)*I].T``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .base import DiskTensor
+
+
+def fused(prefix: str, expert: int, inter: int, transposed: bool = False) -> dict[str, DiskTensor]:
+    """``{prefix}.gate_up_proj`` / ``{prefix}.down_proj``, in-memory or transposed orientation."""
+    gate_up, down = f"{prefix}.gate_up_proj", f"{prefix}.down_proj"
+    return {"gate": DiskTensor(gate_up, expert, (0, inter), transposed),
+            "up": DiskTensor(gate_up, expert, (inter, 2 * inter), transposed),
+            "down": DiskTensor(down, expert, None, transposed)}
+
+
+@dataclass(frozen=True)
+class RowBlock(DiskTensor):
+    """Rows ``rows`` of a 2-D stack, transposed *after* slicing (``DiskTensor`` transposes first)."""
+
+    def take(self, tensor: torch.Tensor) -> torch.Tensor:
+        block = tensor[self.rows[0] : self.rows[1]]
+        return block.t() if self.transpose else block
+
+
+def megablocks(w1: str, v1: str, w2: str, expert: int, inter: int) -> dict[str, DiskTensor]:
+    rows = (expert * inter, (expert + 1) * inter)
+    return {"gate": RowBlock(w1, None, rows), "up": RowBlock(v1, None, rows), "down": RowBlock(w2, None, rows, True)}

@@ -1,0 +1,330 @@
+"""Layer-streamed profiling: one decoder layer's weights resident at a time, resumable per layer.
+
+The module tree is built on the ``meta`` device; everything outside the decoder layers (embeddings,
+vision tower, final norm, head) is loaded once, then each decoder layer is read from the safetensors
+shards (``safe_open``), run on the carried hidden states of every calibration batch with the
+``RoutingRecorder`` attached, profiled (routing statistics, layer-local trace, quantization error,
+similarity) and sent back to ``meta``. Peak weight memory is the non-layer weights plus one layer.
+
+Loss curvature (``hessian``, ``fisher``, ``gauss-newton``) needs a backward pass through the whole
+model and is *not available* in this mode: ``meta.settings["curvature_unavailable"]`` says so.
+
+Resume: with ``checkpoint_dir`` every finished layer writes ``layer-NNNNN.json`` (its nodes and
+edges) after ``hidden-NNNNN.safetensors`` (the hidden states after it), both atomically (temporary
+file + rename); a rerun with the same model, calibration and settings continues after the last
+finished layer and never reloads finished layers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from ..models import LoadedModel, read_config, resolve_dir, skeleton
+from ..models.base import ExpertRef
+from ..schemas import ExpertNode, InputError, Profile, ProfileMeta
+from .curvature import SOURCES, scored_tokens, total_tokens
+from .profile import RoutingRecorder, expert_node, non_expert_bytes, similarity_edges
+
+UNAVAILABLE = "needs a backward pass through the whole model; not computed in layer-streamed mode"
+
+
+@dataclass
+class StreamStats:
+    """What the streamer loaded: to show that the full model never was resident."""
+
+    loaded_tensors: int = 0
+    peak_resident_params: int = 0
+    layers_loaded: list[int] = field(default_factory=list)
+
+
+class CheckpointReader:
+    """Tensor names -> shard file for a directory with ``model.safetensors`` or a sharded index."""
+
+    def __init__(self, directory: Path):
+        index = directory / "model.safetensors.index.json"
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            self.where = {k: directory / f for k, f in weight_map.items()}
+        elif (directory / "model.safetensors").is_file():
+            path = directory / "model.safetensors"
+            with safe_open(str(path), "pt") as f:
+                self.where = {k: path for k in f.keys()}
+        else:
+            raise InputError(f"{directory}: no model.safetensors or model.safetensors.index.json")
+        self.keys = set(self.where)
+
+    def read(self, key: str) -> torch.Tensor:
+        with safe_open(str(self.where[key]), "pt") as f:
+            return f.get_tensor(key)
+
+
+class LayerStreamer:
+    """A meta-device model whose decoder layers are loaded one at a time. Example: see ``profile_streamed``."""
+
+    def __init__(self, path):
+        self.directory = resolve_dir(path)
+        self.config = read_config(self.directory)
+        self.adapter = skeleton(self.config, self.directory, device="meta")
+        self.model = self.adapter.model.eval()
+        self.reader = CheckpointReader(self.directory)
+        self.stats = StreamStats()
+        self.names = {id(m): n for n, m in self.model.named_modules()}
+        self.layers_prefix = self.names[id(self.adapter.decoder_layers())]
+        self._load_outside_layers()
+
+    def core(self):
+        """The decoder stack (``DeepseekV2Model``): embeddings, rotary, layers, norm."""
+        return self.model.get_submodule(self.layers_prefix.rsplit(".", 1)[0])
+
+    def _load_outside_layers(self) -> None:
+        for name, module in self.model.named_modules():
+            if name.startswith(self.layers_prefix) or name == "":
+                continue
+            for pname, _ in list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False)):
+                key = f"{name}.{pname}"
+                if key in self.reader.keys:
+                    self._set(module, pname, self.reader.read(key))
+        core = self.core()
+        core.rotary_emb = type(core.rotary_emb)(core.config)  # non-persistent buffers: rebuild on CPU
+        self._track()
+
+    def _set(self, module, name: str, value: torch.Tensor) -> None:
+        old = getattr(module, name)
+        new = value.to(old.dtype)
+        if isinstance(old, torch.nn.Parameter):
+            new = torch.nn.Parameter(new, requires_grad=old.requires_grad)
+        setattr(module, name, new)
+        self.stats.loaded_tensors += 1
+
+    def _track(self) -> None:
+        resident = sum(p.numel() for p in self.model.parameters() if p.device.type != "meta")
+        self.stats.peak_resident_params = max(self.stats.peak_resident_params, resident)
+
+    def load_layer(self, layer: int) -> torch.nn.Module:
+        """Materialise decoder layer ``layer`` from the shards (fused or per-expert expert tensors)."""
+        module = self.adapter.decoder_layers()[layer]
+        prefix = f"{self.layers_prefix}.{layer}."
+        module.to_empty(device="cpu")
+        with torch.no_grad():
+            for name, tensor in list(module.named_parameters()) + list(module.named_buffers()):
+                if prefix + name in self.reader.keys:
+                    tensor.copy_(self.reader.read(prefix + name))
+                    self.stats.loaded_tensors += 1
+                elif not self._is_expert_tensor(layer, tensor):
+                    raise InputError(f"{self.directory}: tensor {prefix + name} missing from the checkpoint")
+        if layer in self.adapter.moe_layers():
+            self._load_experts(layer)
+        self.stats.layers_loaded.append(layer)
+        self._track()
+        return module
+
+    def _is_expert_tensor(self, layer: int, tensor) -> bool:
+        if layer not in self.adapter.moe_layers():
+            return False
+        experts = self.adapter.experts_module(layer)
+        return any(tensor is p for p in experts.parameters())
+
+    def _load_experts(self, layer: int) -> None:
+        cache: dict[str, torch.Tensor] = {}
+        for j in range(self.adapter.num_experts(layer)):
+            ref = ExpertRef(layer, j)
+            where = self.adapter.disk_tensors(ref, self.reader.keys)
+            for loc in where.values():
+                if loc.key not in cache:
+                    if loc.key not in self.reader.keys:
+                        raise InputError(f"{self.directory}: tensor {loc.key} missing from the checkpoint")
+                    cache[loc.key] = self.reader.read(loc.key)
+                    self.stats.loaded_tensors += 1
+            self.adapter.set_expert_weights(ref, {m: loc.take(cache[loc.key]) for m, loc in where.items()})
+
+    def unload_layer(self, layer: int) -> None:
+        self.adapter.decoder_layers()[layer].to("meta")
+
+    # --- running -------------------------------------------------------------------------------------
+    def embed(self, batch: dict) -> torch.Tensor:
+        if hasattr(self.model, "embed"):
+            return self.model.embed(batch["input_ids"], batch.get("images"))  # the demo VLM
+        return self.core().embed_tokens(batch["input_ids"])
+
+    def run_layer(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
+        """Decoder layer ``layer`` on ``hidden`` ``[B, T, H]`` with causal mask and rotary embeddings."""
+        from transformers.masking_utils import create_causal_mask
+
+        core = self.core()
+        pos = torch.arange(hidden.shape[1])[None]
+        mask = create_causal_mask(config=core.config, inputs_embeds=hidden, attention_mask=None, cache=None,
+                                  position_ids=pos)
+        rotary = core.rotary_emb(hidden, pos)
+        return self.adapter.decoder_layers()[layer](hidden, attention_mask=mask, position_ids=pos,
+                                                    position_embeddings=rotary, use_cache=False)
+
+    def loss(self, batch: dict, hidden: torch.Tensor) -> torch.Tensor:
+        """Mean next-token cross-entropy from the last hidden states (same rule as ``adapter.loss``)."""
+        owner = self.layers_prefix.rsplit(".", 1)[0].rpartition(".")[0]  # "language" or ""
+        head = self.model.get_submodule(f"{owner}.lm_head" if owner else "lm_head")
+        logits = head(self.core().norm(hidden))
+        labels = batch.get("labels")
+        if labels is None:
+            labels, logits = batch["input_ids"][:, 1:], logits[:, :-1]
+        return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
+                                                 ignore_index=-100)
+
+
+# --- checkpoints ---------------------------------------------------------------------------------------
+
+def run_key(config_hash: str, calibration: dict, settings: dict) -> str:
+    text = json.dumps({"config": config_hash, "calibration": calibration, "settings": settings}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _atomic(path: Path, write) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def save_layer(directory: Path, layer: int, key: str, nodes, edges, hidden: list[torch.Tensor]) -> None:
+    """Hidden states first, then the layer JSON (the commit point), then drop older hidden states."""
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = {f"batch{i}": h.contiguous() for i, h in enumerate(hidden)}
+    _atomic(directory / f"hidden-{layer:05d}.safetensors", lambda p: save_file(tensors, str(p), {"key": key}))
+    record = {"key": key, "layer": layer, "nodes": [n.model_dump() for n in nodes], "edges": edges}
+    _atomic(directory / f"layer-{layer:05d}.json", lambda p: p.write_text(json.dumps(record, sort_keys=True)))
+    for old in directory.glob("hidden-*.safetensors"):
+        if old.name != f"hidden-{layer:05d}.safetensors":
+            old.unlink()
+
+
+def load_finished(directory: Path, key: str) -> tuple[dict[int, dict], list[torch.Tensor] | None]:
+    """Finished layers ``{layer: record}`` and the hidden states after the last one (None if none)."""
+    done = {}
+    for path in sorted(directory.glob("layer-*.json")):
+        record = json.loads(path.read_text())
+        if record.get("key") != key:
+            raise InputError(f"{path}: checkpoint of a different model, calibration or settings; "
+                             "use another --resume directory")
+        done[record["layer"]] = record
+    if not done:
+        return {}, None
+    hidden_path = directory / f"hidden-{max(done):05d}.safetensors"
+    if not hidden_path.is_file():
+        raise InputError(f"{hidden_path}: missing hidden states for the last finished layer; use a fresh --resume directory")
+    state = load_file(str(hidden_path))
+    return done, [state[f"batch{i}"] for i in range(len(state))]
+
+
+# --- the streamed profile --------------------------------------------------------------------------------
+
+def profile_streamed(path, batches: list[dict], calibration: dict, bits=(2, 3, 4, 8), group_size: int = 128,
+                     symmetric: bool = False, clip_search: bool = False, seed: int = 0,
+                     checkpoint_dir: Path | None = None, on_layer_done=None) -> tuple[Profile, StreamStats]:
+    """Profile ``path`` layer by layer (see module docstring). Example: ``profile_streamed(dir, batches, summary)``."""
+    torch.manual_seed(seed)
+    streamer = LayerStreamer(path)
+    loaded = LoadedModel(streamer.model, streamer.adapter, streamer.config, _model_id(path, streamer.config),
+                         streamer.directory)
+    settings = {"bits": sorted(bits), "group_size": group_size, "symmetric": symmetric,
+                "clip_search": clip_search, "seed": seed}
+    key = run_key(loaded.config_hash, calibration, settings)
+    done, hidden = load_finished(Path(checkpoint_dir), key) if checkpoint_dir else ({}, None)
+    with torch.no_grad():
+        if hidden is None:
+            hidden = [streamer.embed(b) for b in batches]
+        for layer in range(len(streamer.adapter.decoder_layers())):
+            if layer in done:
+                continue
+            nodes, edges, hidden = _profile_layer(streamer, loaded, layer, batches, hidden, calibration, settings)
+            done[layer] = {"nodes": [n.model_dump() for n in nodes], "edges": edges}
+            if checkpoint_dir:
+                save_layer(Path(checkpoint_dir), layer, key, nodes, edges, hidden)
+            if on_layer_done:
+                on_layer_done(layer)
+        loss = _final_loss(streamer, batches, hidden)
+    return _assemble(loaded, done, calibration, settings, loss), streamer.stats
+
+
+def _profile_layer(streamer, loaded, layer, batches, hidden, calibration, settings):
+    streamer.load_layer(layer)
+    recorder = RoutingRecorder(loaded) if layer in streamer.adapter.moe_layers() else None
+    out = []
+    try:
+        for batch, h in zip(batches, hidden):
+            if recorder:
+                recorder.current = batch.get("modality", "text")
+            out.append(streamer.run_layer(layer, h))
+    finally:
+        if recorder:
+            recorder.close()
+    nodes, edges = [], []
+    if recorder:
+        refs = [r for r in streamer.adapter.experts() if r.layer == layer]
+        nodes = [expert_node(streamer.adapter, r, recorder, calibration["tokens"], settings) for r in refs]
+        edges = [list(e) for e in similarity_edges(streamer.adapter, layer)]
+    streamer.unload_layer(layer)
+    return nodes, edges, out
+
+
+def _final_loss(streamer, batches, hidden) -> float:
+    m = total_tokens(batches)
+    return sum(float(streamer.loss(b, h)) * scored_tokens(b) / m for b, h in zip(batches, hidden))
+
+
+def _assemble(loaded, done, calibration, settings, loss) -> Profile:
+    nodes = [ExpertNode(**n) for layer in sorted(done) for n in done[layer]["nodes"]]
+    edges = [tuple(e) for layer in sorted(done) for e in done[layer]["edges"]]
+    settings = dict(settings, streamed=True, curvature_unavailable={s: UNAVAILABLE for s in SOURCES})
+    meta = ProfileMeta(model_id=loaded.model_id, family=loaded.adapter.family, config_hash=loaded.config_hash,
+                       calibration=dict(calibration, loss=loss), settings=settings, top_k=loaded.adapter.top_k(),
+                       non_expert_bytes=non_expert_bytes(loaded))
+    return Profile(meta=meta, experts=nodes, edges=edges)
+
+
+def _model_id(path, config: dict) -> str:
+    from ..models import DEMO
+
+    directory = resolve_dir(path)
+    return DEMO if str(path) == DEMO else str(config.get("_name_or_path") or directory.name)
+
+
+# --- CLI helpers -----------------------------------------------------------------------------------------
+
+UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+
+
+def parse_memory(text: str) -> int:
+    """``"8G"``, ``"512MiB"``, ``"1000000"`` -> bytes (binary units)."""
+    raw = text.strip().upper().removesuffix("IB").removesuffix("B")
+    unit = raw[-1:] if raw[-1:] in UNITS and not raw[-1:].isdigit() else ""
+    try:
+        value = float(raw[: len(raw) - len(unit)])
+    except ValueError:
+        raise InputError(f"--max-memory: got {text!r}, expected a size like 8G, 512M or a byte count") from None
+    if value <= 0:
+        raise InputError(f"--max-memory: got {text!r}, expected a positive size")
+    return int(value * UNITS[unit])
+
+
+def checkpoint_bytes(directory: Path) -> int:
+    """Size of the weights in memory at float32 (what ``open_model`` would hold)."""
+    reader = CheckpointReader(directory)
+    total = 0
+    for path in sorted(set(reader.where.values())):
+        with safe_open(str(path), "pt") as f:
+            for key in f.keys():
+                total += 4 * _numel(f.get_slice(key).get_shape())
+    return total
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= int(s)
+    return n

@@ -1,0 +1,170 @@
+"""Tiny checkpoints (a few hundred KB) in each family's exact on-disk layout, with a character tokenizer.
+
+transformers families: the real config class at tiny sizes, ``save_pretrained`` (which writes the
+family's own on-disk names), plus variants for layouts that hub checkpoints use and
+``save_pretrained`` does not (Qwen3-VL-MoE transposed fused experts). DeepSeek-VL2: a
+``deepseek_vl_v2`` config.json and safetensors with the public key names (``language.*`` with one
+tensor per expert, ``vision.*``, ``projector.*``, ``image_newline``, ``view_seperator``).
+"""
+
+from __future__ import annotations
+
+import json
+import string
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+VOCAB = 64
+CHARS = string.ascii_lowercase + string.digits + " .,;:!?'-()\n"
+TEXT = "the quick brown fox jumps over the lazy dog. " * 40
+COMMON = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2,
+              num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=False, pad_token_id=0,
+              bos_token_id=1, eos_token_id=2)
+MLA = dict(kv_lora_rank=8, q_lora_rank=None, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8)
+
+# family -> (model_type, config kwargs); every family: 4 routed experts, top-2, I = 16 (H = 32).
+FAMILIES = {
+    "mixtral": ("mixtral", dict(num_local_experts=4, num_experts_per_tok=2, intermediate_size=16)),
+    "qwen2_moe": ("qwen2_moe", dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
+                                    shared_expert_intermediate_size=24)),
+    "qwen3_moe": ("qwen3_moe", dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, head_dim=16)),
+    "olmoe": ("olmoe", dict(num_experts=4, num_experts_per_tok=2, intermediate_size=16)),
+    "deepseek_v2": ("deepseek_v2", dict(n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
+                                        n_shared_experts=1, first_k_dense_replace=1, **MLA)),
+    "deepseek_v3": ("deepseek_v3", dict(n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
+                                        n_shared_experts=1, first_k_dense_replace=1, n_group=1, topk_group=1, **MLA)),
+    "phimoe": ("phimoe", dict(num_local_experts=4, num_experts_per_tok=2, intermediate_size=16)),  # generic detector
+}
+# I = 24 so that the transposed hub layout [E, H, 2I] is not square (square shapes are ambiguous).
+QWEN3_VL_TEXT = dict(COMMON, head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=24,
+                     rope_scaling={"rope_type": "default", "mrope_section": [2, 3, 3]})
+QWEN3_VL_VISION = dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=32, patch_size=4,
+                       spatial_merge_size=2, temporal_patch_size=1, num_position_embeddings=16,
+                       deepstack_visual_indexes=[0])
+VL2_LANGUAGE = dict(COMMON, model_type="deepseek_v2", n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
+                    n_shared_experts=2, first_k_dense_replace=1, topk_method="greedy", n_group=1, topk_group=1,
+                    use_mla=True, **MLA)
+
+
+def save_tokenizer(directory: Path) -> None:
+    """A character-level WordLevel tokenizer over ``CHARS`` (ids 3..), wrapped as PreTrainedTokenizerFast."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, **{c: i + 3 for i, c in enumerate(CHARS)}}
+    assert len(vocab) <= VOCAB
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>") \
+        .save_pretrained(directory)
+
+
+def build_transformers(family: str, directory: Path) -> Path:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    model_type, extra = FAMILIES[family]
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **{**COMMON, **extra}))
+    _randomize_routers(model)
+    model.save_pretrained(directory)
+    save_tokenizer(directory)
+    return directory
+
+
+def build_qwen3_vl(directory: Path, hub_layout: bool) -> Path:
+    """Qwen3-VL-MoE; ``hub_layout`` rewrites the fused experts transposed, as hub checkpoints store them."""
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    torch.manual_seed(0)
+    cfg = AutoConfig.for_model("qwen3_vl_moe", text_config=QWEN3_VL_TEXT, vision_config=QWEN3_VL_VISION,
+                               tie_word_embeddings=False)
+    model = AutoModelForImageTextToText.from_config(cfg)
+    _randomize_routers(model)
+    model.save_pretrained(directory)
+    if hub_layout:
+        path = directory / "model.safetensors"
+        state = load_file(str(path))
+        state = {k: v.transpose(1, 2).contiguous() if ".mlp.experts." in k else v for k, v in state.items()}
+        save_file(state, str(path), metadata={"format": "pt"})
+    save_tokenizer(directory)
+    return directory
+
+
+def build_deepseek_vl2(directory: Path, use_mla: bool = True) -> Path:
+    """DeepSeek-VL2 layout: ``language.`` + per-expert tensors, plus vision/projector tensors kept as-is."""
+    from transformers import DeepseekV2Config, DeepseekV2ForCausalLM
+
+    torch.manual_seed(0)
+    lang = dict(VL2_LANGUAGE, use_mla=use_mla)
+    cfg_kwargs = {k: v for k, v in lang.items() if k not in ("model_type", "use_mla")}
+    model = DeepseekV2ForCausalLM(DeepseekV2Config(**cfg_kwargs))
+    _randomize_routers(model)
+    state = {f"language.{k}": v for k, v in _split_experts(model.state_dict()).items()}
+    if not use_mla:
+        state = {k: v for k, v in state.items() if ".self_attn." not in k}
+        gen = torch.Generator().manual_seed(1)
+        for i in range(lang["num_hidden_layers"]):
+            for p in ("q_proj", "k_proj", "v_proj", "o_proj"):
+                state[f"language.model.layers.{i}.self_attn.{p}.weight"] = torch.randn(32, 32, generator=gen) * 0.1
+    gen = torch.Generator().manual_seed(2)
+    for name, shape in VL2_FROZEN.items():
+        state[name] = torch.randn(shape, generator=gen)
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in state.items()}, str(directory / "model.safetensors"),
+              metadata={"format": "pt"})
+    config = {"model_type": "deepseek_vl_v2", "architectures": ["DeepseekVLV2ForCausalLM"],
+              "language_config": lang, "vision_config": {"model_type": "vision", "layers": 1, "width": 16,
+                                                         "patch_size": 4, "image_size": 8},
+              "projector_config": {"model_type": "mlp_projector", "projector_type": "downsample_mlp_gelu",
+                                   "input_dim": 16, "n_embed": 32, "depth": 2, "downsample_ratio": 2},
+              "tile_tag": "2D", "global_view_pos": "head"}
+    (directory / "config.json").write_text(json.dumps(config, indent=1))
+    save_tokenizer(directory)
+    return directory
+
+
+VL2_FROZEN = {"vision.patch_embed.proj.weight": (16, 3, 4, 4), "vision.blocks.0.attn.qkv.weight": (48, 16),
+              "vision.norm.weight": (16,), "projector.layers.0.weight": (32, 64), "projector.layers.2.weight": (32, 32),
+              "image_newline": (32,), "view_seperator": (32,)}
+
+
+def _split_experts(state: dict) -> dict:
+    """Fused ``experts.gate_up_proj``/``down_proj`` -> one ``experts.{j}.{gate,up,down}_proj.weight`` each."""
+    out = {}
+    for key, value in state.items():
+        if key.endswith("experts.gate_up_proj"):
+            prefix, inter = key[: -len("gate_up_proj")], value.shape[1] // 2
+            for j, w in enumerate(value):
+                out[f"{prefix}{j}.gate_proj.weight"], out[f"{prefix}{j}.up_proj.weight"] = w[:inter], w[inter:]
+        elif key.endswith("experts.down_proj"):
+            for j, w in enumerate(value):
+                out[f"{key[: -len('down_proj')]}{j}.down_proj.weight"] = w
+        else:
+            out[key] = value
+    return out
+
+
+@torch.no_grad()
+def _randomize_routers(model) -> None:
+    """Routers initialise to zeros in some families; random routers make routing (and the test) real."""
+    gen = torch.Generator().manual_seed(3)
+    for name, p in model.named_parameters():
+        if name.endswith(("mlp.gate.weight", "mlp.router.weight")) and p.dim() == 2:
+            p.copy_(torch.randn(p.shape, generator=gen))
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory):
+    """family -> directory, built once per session."""
+    root = tmp_path_factory.mktemp("tiny")
+    dirs = {f: build_transformers(f, root / f) for f in FAMILIES}
+    dirs["qwen3_vl_moe"] = build_qwen3_vl(root / "qwen3_vl_moe", hub_layout=False)
+    dirs["qwen3_vl_moe_hub"] = build_qwen3_vl(root / "qwen3_vl_moe_hub", hub_layout=True)
+    dirs["deepseek_vl2"] = build_deepseek_vl2(root / "deepseek_vl2", use_mla=True)
+    dirs["deepseek_vl2_tiny_mha"] = build_deepseek_vl2(root / "deepseek_vl2_tiny_mha", use_mla=False)
+    return dirs

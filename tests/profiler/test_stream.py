@@ -1,0 +1,60 @@
+"""Layer-streamed profiling: equal to the in-memory profile, never fully resident, resumable."""
+
+from __future__ import annotations
+
+import pytest
+
+from mopeq.models import open_model
+from mopeq.profiler.calibration import summary, text_file_batches
+from mopeq.profiler.profile import profile_model
+from mopeq.profiler.stream import profile_streamed
+from mopeq.schemas import InputError, write_profile
+
+
+@pytest.fixture(scope="module")
+def calib(tiny_dir):
+    from transformers import AutoTokenizer
+
+    batches = text_file_batches(tiny_dir / "calib.txt", AutoTokenizer.from_pretrained(tiny_dir), seq_len=32, batch=4,
+                                max_windows=8)
+    return batches, summary(batches, "calib.txt")
+
+
+def test_streamed_matches_in_memory_and_stays_partial(tiny_dir, calib):
+    batches, info = calib
+    full = profile_model(open_model(tiny_dir), batches, info, bits=(2, 4), group_size=8, progress=False)
+    streamed, stats = profile_streamed(tiny_dir, batches, info, bits=(2, 4), group_size=8)
+    total = sum(p.numel() for p in open_model(tiny_dir).model.parameters())
+    assert stats.peak_resident_params < 0.75 * total  # never the whole model at once
+    assert stats.layers_loaded == [0, 1]
+    assert streamed.meta.settings["curvature_unavailable"]["hessian"]
+    assert streamed.meta.calibration["loss"] == pytest.approx(full.meta.calibration["loss"], rel=1e-5)
+    for a, b in zip(full.experts, streamed.experts):
+        assert (a.id, a.tokens, a.perturbation) == (b.id, b.tokens, b.perturbation)
+        assert b.trace["hessian-local"].mean == pytest.approx(a.trace["hessian-local"].mean, rel=1e-5)
+    assert [e[:2] for e in full.edges] == [e[:2] for e in streamed.edges]
+
+
+class Interrupt(Exception):
+    pass
+
+
+def test_resume_skips_finished_layers(tiny_dir, calib, tmp_path):
+    batches, info = calib
+    ckpt = tmp_path / "ckpt"
+
+    def stop_after_first(layer):
+        raise Interrupt(layer)
+
+    with pytest.raises(Interrupt):
+        profile_streamed(tiny_dir, batches, info, bits=(2, 4), group_size=8, checkpoint_dir=ckpt,
+                         on_layer_done=stop_after_first)
+    assert sorted(p.name for p in ckpt.iterdir()) == ["hidden-00000.safetensors", "layer-00000.json"]
+    resumed, stats = profile_streamed(tiny_dir, batches, info, bits=(2, 4), group_size=8, checkpoint_dir=ckpt)
+    assert stats.layers_loaded == [1]  # layer 0 was not redone
+    fresh, _ = profile_streamed(tiny_dir, batches, info, bits=(2, 4), group_size=8)
+    write_profile(resumed, tmp_path / "a.json")
+    write_profile(fresh, tmp_path / "b.json")
+    assert (tmp_path / "a.json").read_bytes() == (tmp_path / "b.json").read_bytes()
+    with pytest.raises(InputError, match="different model, calibration or settings"):
+        profile_streamed(tiny_dir, batches, info, bits=(2, 3), group_size=8, checkpoint_dir=ckpt)
