@@ -134,4 +134,9 @@ class QuantizedLinear(nn.Module):
         return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_cuda:
+            from . import kernels
+
+            if kernels.available():
+                return kernels.linear(self.matrix, x)
         return x @ self.matrix.dequantize(x.dtype).t()
