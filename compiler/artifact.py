@@ -40,6 +40,7 @@ from tqdm import tqdm
 
 from ..models import read_config, resolve_dir, skeleton
 from ..models.base import DiskTensor, ExpertRef
+from ..safety import checkpoint_shards
 from ..schemas import InputError, Plan, config_hash, sha256_file
 from .gptq import GPTQSettings, GramFile, Quantizer, gptq_quantize
 from .pack import pack_int32
@@ -64,23 +65,12 @@ class Job:
 
 
 def source_shards(directory: Path) -> dict[str, Path]:
-    """tensor name -> shard file of a safetensors checkpoint (single file or index)."""
-    index = directory / "model.safetensors.index.json"
-    if index.is_file():
-        weight_map = json.loads(index.read_text()).get("weight_map", {})
-        return {k: _inside(directory, v, index) for k, v in weight_map.items()}
-    single = directory / "model.safetensors"
-    if not single.is_file():
-        raise InputError(f"{directory}: no model.safetensors or model.safetensors.index.json")
-    with safe_open(str(single), "pt") as f:
-        return {k: single for k in f.keys()}
+    """tensor name -> shard file of a safetensors checkpoint (single file or index).
 
-
-def _inside(directory: Path, name: str, index: Path) -> Path:
-    path = (directory / name).resolve()
-    if directory.resolve() not in path.parents:
-        raise InputError(f"{index}: shard {name!r} points outside the model directory")
-    return path
+    Shard names must stay inside ``directory`` and every header is checked against its file size
+    (``mopeq.safety``) before any tensor is read.
+    """
+    return checkpoint_shards(directory)
 
 
 def plan_jobs(plan: Plan, adapter, keys: set[str]) -> dict[str, list[Job]]:

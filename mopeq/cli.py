@@ -123,7 +123,7 @@ def _bits(text: str) -> list[int]:
 
 
 def cmd_profile(args) -> None:
-    from .models import DEMO, read_config, resolve_dir
+    from .models import DEMO, read_config, resolve_dir, skeleton
     from .profiler.calibration import demo_batches, image_folder_batches, summary, text_file_batches
     from .profiler.curvature import parse_sources
     from .profiler.stream import checkpoint_bytes, parse_memory, profile_streamed
@@ -137,6 +137,7 @@ def cmd_profile(args) -> None:
     sources = parse_sources(args.curvature)
     directory = resolve_dir(args.model)
     config = read_config(directory)
+    skeleton(config, directory).experts()  # an unsupported architecture fails here, before any data is read
     calib = args.calib or (DEMO if config["model_type"] == "mopeq_demo_vlm" else None)
     if calib is None:
         raise InputError("--calib: required for this model (a .txt or .jsonl file)")

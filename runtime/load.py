@@ -8,17 +8,18 @@ profiler.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from pydantic import ValidationError
+from safetensors import SafetensorError, safe_open
 
 from ..compiler.pack import SUPPORTED_BITS, packed_words
 from ..models import LoadedModel, skeleton
 from ..models.base import MATRICES, ExpertRef
-from ..schemas import InputError, sha256_file
+from ..safety import check_safetensors, inside, read_json_object
+from ..schemas import InputError, Plan, config_hash, sha256_file
 from .qlayer import PackedMatrix, QuantizedExperts, QuantizedLinear
 
 MANIFEST = "mopeq.json"
@@ -37,23 +38,30 @@ def read_manifest(directory: Path) -> dict:
     path = directory / MANIFEST
     if not path.is_file():
         raise InputError(f"{directory}: not a mopeq artifact (no {MANIFEST})")
+    manifest = read_json_object(path, "manifest")
+    if manifest.get("version") != ARTIFACT_VERSION:
+        raise InputError(f"{path}: artifact version {manifest.get('version')!r}, expected {ARTIFACT_VERSION}")
+    shards = manifest.get("shards")
+    if not isinstance(shards, dict) or not all(isinstance(v, str) for v in shards.values()):
+        raise InputError(f"{path}: 'shards' must be an object of shard file -> sha256")
     try:
-        manifest = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise InputError(f"{path}: not valid JSON ({exc})") from None
-    if not isinstance(manifest, dict) or manifest.get("version") != ARTIFACT_VERSION:
-        raise InputError(f"{path}: artifact version {manifest.get('version') if isinstance(manifest, dict) else '?'}, "
-                         f"expected {ARTIFACT_VERSION}")
+        Plan(**manifest["plan"])
+    except (KeyError, TypeError, ValidationError) as exc:
+        raise InputError(f"{path}: 'plan' is not a mopeq plan ({_first_line(exc)})") from None
     return manifest
+
+
+def _first_line(exc: Exception) -> str:
+    return (str(exc).splitlines() or [type(exc).__name__])[0][:200]
 
 
 def verify_shards(directory: Path, manifest: dict) -> list[Path]:
     """Check every shard's sha256 against the manifest; return the shard paths."""
     paths = []
     for name, digest in sorted(manifest.get("shards", {}).items()):
-        path = (directory / name).resolve()
-        if directory.resolve() not in path.parents or not path.is_file():
-            raise InputError(f"{directory / name}: shard missing or outside the artifact")
+        path = inside(directory, name, directory / MANIFEST)
+        if not path.is_file():
+            raise InputError(f"{directory / name}: shard missing")
         if sha256_file(path) != digest:
             raise InputError(f"{path}: checksum mismatch (corrupted or truncated shard)")
         paths.append(path)
@@ -65,33 +73,56 @@ def verify_shards(directory: Path, manifest: dict) -> list[Path]:
 def read_tensors(paths: list[Path]) -> dict[str, torch.Tensor]:
     tensors = {}
     for path in paths:
+        check_safetensors(path)  # sizes checked against the file before any data is read
         try:
             with safe_open(str(path), "pt") as f:
                 for key in f.keys():
                     tensors[key] = f.get_tensor(key)
-        except Exception as exc:  # safetensors raises its own error types for bad headers
+        except SafetensorError as exc:
             raise InputError(f"{path}: unreadable safetensors file ({exc})") from None
     return tensors
 
 
-def packed_matrix(tensors: dict, name: str, bits: int, group_size: int) -> PackedMatrix:
-    """Collect ``name.weight_*`` tensors into a checked ``PackedMatrix``."""
+def packed_matrix(tensors: dict, name: str, bits: int, group_size: int,
+                  expected: tuple[int, int] | None = None) -> PackedMatrix:
+    """Collect ``name.weight_*`` tensors into a checked ``PackedMatrix``; ``expected``: ``[out, in]`` from the config."""
     try:
         packed, scale = tensors.pop(f"{name}.weight_packed"), tensors.pop(f"{name}.weight_scale")
-        shape = tuple(int(x) for x in tensors.pop(f"{name}.weight_shape").tolist())
+        shape_tensor = tensors.pop(f"{name}.weight_shape")
     except KeyError as exc:
         raise InputError(f"artifact: tensor {exc.args[0]} missing") from None
     zero = tensors.pop(f"{name}.weight_zero_point", None)
     if bits not in SUPPORTED_BITS:
         raise InputError(f"artifact: {name} has bits {bits}, expected one of {SUPPORTED_BITS}")
+    shape = _weight_shape(name, shape_tensor, expected)
+    _check_dtypes(name, packed, scale, zero)
     n, k = shape
     groups = -(-k // min(group_size, k))
-    if packed.shape != (n, packed_words(k, bits)) or scale.shape != (n, groups):
+    if packed.shape != (n, packed_words(k, bits)) or scale.shape != (n, groups) or \
+            (zero is not None and zero.shape != (n, groups)):
         raise InputError(f"artifact: {name}.weight_packed {tuple(packed.shape)} / weight_scale {tuple(scale.shape)} "
                          f"disagree with weight_shape {shape} at {bits} bits, group {group_size}")
     if not torch.isfinite(scale.float()).all():
         raise InputError(f"artifact: {name}.weight_scale has NaN or inf values")
     return PackedMatrix(packed, scale, zero, bits, min(group_size, k), shape)
+
+
+def _weight_shape(name: str, shape_tensor: torch.Tensor, expected) -> tuple[int, int]:
+    shape = tuple(int(x) for x in shape_tensor.flatten().tolist()) if not shape_tensor.is_floating_point() else ()
+    if len(shape) != 2 or min(shape) < 1:
+        raise InputError(f"artifact: {name}.weight_shape is {shape_tensor.tolist()}, expected two positive integers")
+    if expected is not None and shape != tuple(expected):
+        raise InputError(f"artifact: {name}.weight_shape {shape} disagrees with config.json, which gives {tuple(expected)}")
+    return shape
+
+
+def _check_dtypes(name: str, packed, scale, zero) -> None:
+    if packed.dtype != torch.int32:
+        raise InputError(f"artifact: {name}.weight_packed is {packed.dtype}, expected torch.int32")
+    if not scale.is_floating_point():
+        raise InputError(f"artifact: {name}.weight_scale is {scale.dtype}, expected a floating-point type")
+    if zero is not None and zero.dtype != torch.uint8:
+        raise InputError(f"artifact: {name}.weight_zero_point is {zero.dtype}, expected torch.uint8")
 
 
 def load(artifact_dir: str | Path, device: str = "cpu", verify: bool = True) -> QuantizedModel:
@@ -100,17 +131,32 @@ def load(artifact_dir: str | Path, device: str = "cpu", verify: bool = True) -> 
     if not directory.is_dir():
         raise InputError(f"{directory}: artifact directory not found")
     manifest = read_manifest(directory)
-    config = json.loads((directory / "config.json").read_text())
+    config = read_json_object(directory / "config.json", "config")
     plan = manifest["plan"]
+    if verify and config_hash(config) != manifest.get("config_hash"):
+        raise InputError(f"{directory / 'config.json'}: does not match {MANIFEST} (config hash "
+                         f"{config_hash(config)}, manifest has {manifest.get('config_hash')}); edited or corrupted")
+    if plan["group_size"] < 1:
+        raise InputError(f"{directory / MANIFEST}: plan.group_size {plan['group_size']}, expected a positive integer")
     paths = verify_shards(directory, manifest) if verify else \
-        [directory / n for n in sorted(manifest["shards"])]
+        [inside(directory, n, directory / MANIFEST) for n in sorted(manifest["shards"])]
     tensors = read_tensors(paths)
+    _check_size(skeleton(config, directory, device="meta"), tensors, directory)
     adapter = skeleton(config, directory, device="cpu")
     bits = {eid: e["bits"] for eid, e in plan["experts"].items()}
     _swap_experts(adapter, tensors, bits, plan["group_size"])
     _load_dense(adapter.model, adapter.memory_tensors(tensors), directory)
     model = adapter.model.to(device).eval()
     return QuantizedModel(model, adapter, config, plan["model_id"], directory, manifest)
+
+
+def _check_size(meta_adapter, tensors: dict, directory: Path) -> None:
+    """Refuse a config.json that would build a model far larger than the shards (before allocating it)."""
+    params = sum(p.numel() for p in meta_adapter.model.parameters())
+    values = sum(t.numel() for t in tensors.values())
+    if params > 16 * values + 4096:  # packed int32 words hold at most 16 codes each
+        raise InputError(f"{directory / 'config.json'}: describes {params} parameters, but the shards hold only "
+                         f"{values} values")
 
 
 def _swap_experts(adapter, tensors: dict, bits: dict, group_size: int) -> None:
@@ -121,14 +167,16 @@ def _swap_experts(adapter, tensors: dict, bits: dict, group_size: int) -> None:
             ref = ExpertRef(layer, j)
             if ref.id not in bits:
                 raise InputError(f"artifact: expert {ref.id} missing from the plan")
-            routed.append({m: packed_matrix(tensors, adapter.packed_name(ref, m), bits[ref.id], group_size)
+            shapes = {m: tuple(w.shape) for m, w in adapter.expert_weights(ref).items()}
+            routed.append({m: packed_matrix(tensors, adapter.packed_name(ref, m), bits[ref.id], group_size, shapes[m])
                            for m in MATRICES})
         setattr(adapter.moe_block(layer), adapter.experts_attr, QuantizedExperts(routed, experts_module.act_fn))
         shared = adapter.shared_module(layer)
         ref = ExpertRef(layer, 0, shared=True)
         if shared is not None and ref.id in bits:
+            shapes = {m: tuple(w.shape) for m, w in adapter.expert_weights(ref).items()}
             for m in MATRICES:
-                matrix = packed_matrix(tensors, adapter.packed_name(ref, m), bits[ref.id], group_size)
+                matrix = packed_matrix(tensors, adapter.packed_name(ref, m), bits[ref.id], group_size, shapes[m])
                 setattr(shared, f"{m}_proj", QuantizedLinear(matrix))
 
 

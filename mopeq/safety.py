@@ -1,0 +1,157 @@
+"""Validation of files from strangers: paths that must stay inside a directory, safetensors headers,
+shard indexes and JSON files. Every refusal is an ``InputError`` naming the file (and tensor).
+
+mopeq reads only JSON, YAML (safe loader) and safetensors; nothing here executes what it reads.
+Headers are checked against the file size *before* any tensor data is read, so a file that claims a
+terabyte tensor is refused in microseconds instead of exhausting memory.
+
+Example::
+
+    header = check_safetensors(Path("model.safetensors"))   # {name: {"dtype", "shape", "data_offsets"}}
+    shards = index_shards(Path("ckpt"))                     # {tensor name: shard path inside ckpt}
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from pathlib import Path
+from typing import Any
+
+from .schemas import InputError
+
+MAX_HEADER_BYTES = 100 << 20  # the safetensors library refuses headers over 100 MB as well
+MAX_JSON_BYTES = 256 << 20
+INDEX = "model.safetensors.index.json"
+DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "F8_E8M0": 1, "I16": 2, "U16": 2,
+               "F16": 2, "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
+
+
+def inside(directory: Path, name: Any, where: Path) -> Path:
+    """``directory / name`` if it stays inside ``directory`` (after following symlinks); else refuse.
+
+    ``where`` is the file that named it (an index or manifest), for the message.
+    """
+    if not isinstance(name, str) or not name or "\x00" in name:
+        raise InputError(f"{where}: shard name {name!r} is not a file name")
+    if Path(name).is_absolute() or ".." in Path(name).parts:
+        raise InputError(f"{where}: shard {name!r} points outside {directory}")
+    path = (directory / name).resolve()
+    if not path.is_relative_to(directory.resolve()):
+        raise InputError(f"{where}: shard {name!r} points outside {directory} (symlink)")
+    return path
+
+
+def read_json(path: Path, what: str = "JSON") -> Any:
+    """Parse a JSON file, refusing missing, oversized, non-UTF-8 and malformed files in one line."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: {what} file not found")
+    if path.stat().st_size > MAX_JSON_BYTES:
+        raise InputError(f"{path}: {path.stat().st_size} bytes, more than a {what} file can be "
+                         f"({MAX_JSON_BYTES} bytes)")
+    try:
+        return json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError:
+        raise InputError(f"{path}: not UTF-8 text") from None
+    except (json.JSONDecodeError, RecursionError) as exc:
+        raise InputError(f"{path}: not valid JSON ({str(exc).splitlines()[0][:200]})") from None
+
+
+def read_json_object(path: Path, what: str = "JSON") -> dict:
+    data = read_json(path, what)
+    if not isinstance(data, dict):
+        raise InputError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+def index_shards(directory: Path, index: Path | None = None) -> dict[str, Path]:
+    """tensor name -> shard path from ``model.safetensors.index.json``, every shard checked to exist inside."""
+    index = index or directory / INDEX
+    weight_map = read_json_object(index, "index").get("weight_map")
+    if not isinstance(weight_map, dict):
+        raise InputError(f"{index}: 'weight_map' must be an object of tensor name -> shard file")
+    out, seen = {}, {}
+    for key, name in weight_map.items():
+        if name not in seen:
+            seen[name] = inside(directory, name, index)
+            if not seen[name].is_file():
+                raise InputError(f"{index}: shard {name!r} (tensor {key}) not found")
+        out[key] = seen[name]
+    return out
+
+
+def checkpoint_shards(directory: Path) -> dict[str, Path]:
+    """tensor name -> shard of a checkpoint: the index if present, else ``model.safetensors``; headers checked."""
+    if (directory / INDEX).is_file():
+        shards = index_shards(directory)
+        for path in sorted(set(shards.values())):
+            check_safetensors(path)
+        return shards
+    single = directory / "model.safetensors"
+    if not single.is_file():
+        raise InputError(f"{directory}: no model.safetensors or {INDEX}")
+    return {k: single for k in check_safetensors(single)}
+
+
+def check_safetensors(path: Path) -> dict[str, dict]:
+    """Validate a safetensors header against the file size; return ``{tensor: entry}`` (no metadata).
+
+    Refuses: a header length beyond the file or over 100 MB, a header that is not a JSON object,
+    entries without a known dtype, a valid shape or in-file ``data_offsets`` of the right length.
+    """
+    path = Path(path)
+    size = _file_size(path)
+    with open(path, "rb") as f:
+        prefix = f.read(8)
+        if len(prefix) < 8:
+            raise InputError(f"{path}: {size} bytes, too short for a safetensors file")
+        (length,) = struct.unpack("<Q", prefix)
+        if length > min(size - 8, MAX_HEADER_BYTES):
+            raise InputError(f"{path}: safetensors header claims {length} bytes, file has {size - 8} after the prefix")
+        raw = f.read(length)
+    header = _parse_header(path, raw)
+    data_bytes = size - 8 - length
+    return {name: _check_entry(path, name, entry, data_bytes) for name, entry in header.items()
+            if name != "__metadata__"}
+
+
+def _file_size(path: Path) -> int:
+    if not path.is_file():
+        raise InputError(f"{path}: safetensors file not found")
+    return path.stat().st_size
+
+
+def _parse_header(path: Path, raw: bytes) -> dict:
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        raise InputError(f"{path}: safetensors header is not valid UTF-8 JSON (corrupted file)") from None
+    if not isinstance(header, dict):
+        raise InputError(f"{path}: safetensors header is not a JSON object")
+    return header
+
+
+def _check_entry(path: Path, name: str, entry: Any, data_bytes: int) -> dict:
+    where = f"{path}: tensor {name}"
+    if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= set(entry):
+        raise InputError(f"{where}: header entry needs dtype, shape and data_offsets")
+    shape, offsets, dtype = entry["shape"], entry["data_offsets"], entry["dtype"]
+    if not isinstance(shape, list) or not all(_is_count(s) for s in shape):
+        raise InputError(f"{where}: shape {shape!r} is not a list of non-negative integers")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_count(o) for o in offsets)
+            and offsets[0] <= offsets[1] <= data_bytes):
+        raise InputError(f"{where}: data_offsets {offsets!r} lie outside the file's {data_bytes} data bytes "
+                         "(truncated or corrupted)")
+    if dtype not in DTYPE_BYTES:
+        raise InputError(f"{where}: dtype {dtype!r} is not one mopeq reads ({', '.join(DTYPE_BYTES)})")
+    expected = math.prod(shape) * DTYPE_BYTES[dtype]
+    if offsets[1] - offsets[0] != expected:
+        raise InputError(f"{where}: {offsets[1] - offsets[0]} bytes on disk, shape {shape} of {dtype} "
+                         f"needs {expected}")
+    return entry
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
