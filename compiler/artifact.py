@@ -62,6 +62,7 @@ class Job:
     source: DiskTensor
     name: str  # artifact prefix, e.g. "language.model.layers.0.mlp.experts.3.gate_proj"
     bits: int
+    shape: tuple[int, int] | None = None  # [out, in] the config implies; checked against the checkpoint
 
 
 def source_shards(directory: Path) -> dict[str, Path]:
@@ -84,7 +85,8 @@ def plan_jobs(plan: Plan, adapter, keys: set[str]) -> dict[str, list[Job]]:
         for matrix, src in adapter.disk_tensors(ref, keys).items():
             if src.key not in keys:
                 raise InputError(f"checkpoint: tensor {src.key} (expert {expert_id}) not found")
-            jobs[src.key].append(Job(ref, matrix, src, adapter.packed_name(ref, matrix), choice.bits))
+            shape = tuple(adapter.expert_weights(ref)[matrix].shape)
+            jobs[src.key].append(Job(ref, matrix, src, adapter.packed_name(ref, matrix), choice.bits, shape))
     return jobs
 
 
@@ -130,7 +132,7 @@ def make_quantizer(method: str = "rtn", grams: Path | None = None, settings: GPT
 
 def quantize_job(job: Job, tensor: torch.Tensor, plan: Plan,
                  quantizer: MatrixQuantizer | None = None) -> dict[str, torch.Tensor]:
-    w = job.source.take(tensor)
+    w = _take(job, tensor)
     scale_dtype = tensor.dtype if tensor.dtype in (torch.float16, torch.bfloat16) else torch.float16
     qw = (quantizer or MatrixQuantizer())(job, w, plan, scale_dtype)
     out = {
@@ -141,6 +143,20 @@ def quantize_job(job: Job, tensor: torch.Tensor, plan: Plan,
     if qw.zero is not None:
         out[f"{job.name}.weight_zero_point"] = qw.zero.contiguous()
     return out
+
+
+def _take(job: Job, tensor: torch.Tensor) -> torch.Tensor:
+    """The expert matrix ``job`` cuts from ``tensor``, refused when the checkpoint disagrees with the config."""
+    try:
+        w = job.source.take(tensor)
+    except IndexError:
+        w = None
+    if w is None or (job.shape is not None and tuple(w.shape) != job.shape) or w.dim() != 2:
+        raise InputError(f"checkpoint: tensor {job.source.key} has shape {tuple(tensor.shape)}; config.json implies "
+                         f"expert matrix {job.ref.id}.{job.matrix} of shape {job.shape}")
+    if not w.is_floating_point():
+        raise InputError(f"checkpoint: tensor {job.source.key} is {w.dtype}, expected floating-point weights")
+    return w
 
 
 class ShardWriter:

@@ -10,6 +10,8 @@ a word shifted left by ``bits*i``), provided codes are the signed values offset 
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 SUPPORTED_BITS = (2, 3, 4, 8)
@@ -60,14 +62,20 @@ def unpack_int32(packed: torch.Tensor, bits: int, num_codes: int) -> torch.Tenso
     if words != packed_words(num_codes, bits):
         raise ValueError(f"packed: got {words} words per row, expected {packed_words(num_codes, bits)} "
                          f"for {num_codes} codes at {bits} bits")
-    wide = packed.to(torch.int64) & 0xFFFFFFFF
     mask = (1 << bits) - 1
     if 32 % bits == 0:
-        per_word = 32 // bits
-        shifts = torch.arange(per_word, device=packed.device, dtype=torch.int64) * bits
-        codes = ((wide.unsqueeze(-1) >> shifts) & mask).flatten(-2)[..., :num_codes]
-    else:
-        stream = ((wide.unsqueeze(-1) >> torch.arange(32, device=packed.device)) & 1).flatten(-2)
-        stream = stream[..., : num_codes * bits].reshape(*lead, num_codes, bits)
-        codes = (stream << torch.arange(bits, device=packed.device)).sum(-1)
-    return codes.to(torch.uint8)
+        # Arithmetic shifts of int32 words are fine: the mask drops the sign-extended bits.
+        shifts = torch.arange(0, 32, bits, device=packed.device, dtype=torch.int32)
+        codes = ((packed.unsqueeze(-1) >> shifts) & mask).flatten(-2)[..., :num_codes]
+        return codes.to(torch.uint8)
+    word, offset = _straddle_index(num_codes, bits, str(packed.device))
+    wide = torch.nn.functional.pad(packed.to(torch.int64) & 0xFFFFFFFF, (0, 1))
+    window = wide[..., word] | (wide[..., word + 1] << 32)  # 64 stream bits starting at each code's word
+    return ((window >> offset) & mask).to(torch.uint8)
+
+
+@functools.lru_cache(maxsize=64)
+def _straddle_index(num_codes: int, bits: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Word index and bit offset of each code, for widths that straddle word boundaries."""
+    start = torch.arange(num_codes, dtype=torch.int64, device=device) * bits
+    return start // 32, start % 32

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..safety import read_json
 from ..schemas import InputError, config_hash
 from .base import ExpertRef, MoEAdapter
 from .deepseek import DeepseekAdapter, DemoAdapter
@@ -65,11 +66,8 @@ def resolve_dir(path: str | Path) -> Path:
 
 
 def read_config(directory: Path) -> dict:
-    try:
-        config = json.loads((directory / "config.json").read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise InputError(f"{directory / 'config.json'}: not valid JSON ({exc})") from None
-    if not isinstance(config, dict) or "model_type" not in config:
+    config = read_json(directory / "config.json", "config")
+    if not isinstance(config, dict) or not isinstance(config.get("model_type"), str):
         raise InputError(f"{directory / 'config.json'}: no 'model_type' field")
     return config
 

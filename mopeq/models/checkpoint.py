@@ -19,6 +19,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from ..safety import check_safetensors, index_shards
 from ..schemas import InputError
 
 PER_EXPERT = re.compile(r"^(?P<prefix>.+\.experts)\.(?P<j>\d+)\.(?P<m>gate|up|down)_proj\.weight$")
@@ -30,8 +31,7 @@ def checkpoint_files(directory: Path) -> list[Path]:
     """The safetensors files of a checkpoint directory (``[]`` when it has none, e.g. config only)."""
     index = directory / "model.safetensors.index.json"
     if index.is_file():
-        names = sorted(set(json.loads(index.read_text()).get("weight_map", {}).values()))
-        return [directory / n for n in names]
+        return sorted(set(index_shards(directory, index).values()))  # names checked to stay inside
     return sorted(directory.glob("*.safetensors"))
 
 
@@ -39,6 +39,7 @@ def header(directory: Path) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
     """tensor name -> (shape, dtype), read from the safetensors headers only."""
     out = {}
     for path in checkpoint_files(directory):
+        check_safetensors(path)
         with safe_open(str(path), "pt") as f:
             for key in f.keys():
                 part = f.get_slice(key)
@@ -52,6 +53,7 @@ def read_state(directory: Path) -> dict[str, torch.Tensor]:
         raise InputError(f"{directory}: no model.safetensors or model.safetensors.index.json")
     state = {}
     for path in files:
+        check_safetensors(path)
         with safe_open(str(path), "pt") as f:
             state.update({k: f.get_tensor(k) for k in f.keys()})
     return state
