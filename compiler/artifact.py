@@ -41,7 +41,7 @@ from tqdm import tqdm
 from ..models import read_config, resolve_dir, skeleton
 from ..models.base import DiskTensor, ExpertRef
 from ..safety import checkpoint_shards
-from ..schemas import InputError, Plan, config_hash, sha256_file
+from ..schemas import InputError, Plan, plan_record, config_hash, sha256_file
 from .gptq import GPTQSettings, GramFile, Quantizer, gptq_quantize
 from .pack import pack_int32
 from .quantize import QuantizedWeight, quantize
@@ -323,7 +323,7 @@ def _write_metadata(tmp: Path, source: Path, config: dict, plan: Plan, jobs, wei
                 and (extra.suffix in (".json", ".txt", ".model", ".jinja") or extra.name.startswith("tokenizer")):
             shutil.copy2(extra, tmp / extra.name)
     shards = sorted(set(weight_map.values()))
-    manifest = {"version": ARTIFACT_VERSION, "config_hash": plan.config_hash, "plan": plan.model_dump(),
+    manifest = {"version": ARTIFACT_VERSION, "config_hash": plan.config_hash, "plan": plan_record(plan),
                 "shards": {s: sha256_file(tmp / s) for s in shards},
                 "versions": _versions(), "source_config_hash": config_hash(config),
                 "quantizer": quantizer.describe()}

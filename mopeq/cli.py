@@ -43,8 +43,9 @@ def _parser() -> argparse.ArgumentParser:
                    "quantizing each expert alone to each width (one pass per expert and width: small models)")
     s.add_argument("--resume", type=Path, default=None, metavar="DIR", help="profile layer by layer, writing one "
                    "checkpoint per finished layer to DIR and continuing from DIR's checkpoints (no loss curvature)")
-    s.add_argument("--max-memory", default=None, help="e.g. 8G: stream one layer at a time when the float32 "
-                   "weights exceed this (no loss curvature in that mode)")
+    s.add_argument("--max-memory", default=None, help="e.g. 8G: profile in memory when the estimated need (weights "
+                   "+ activations + curvature buffers) fits, else one layer at a time (no loss curvature in that "
+                   "mode); refuse before loading when neither fits")
 
     s = sub.add_parser("plan", help="solve for one bit width per expert under a YAML budget spec (plan.json)",
                        description="Read a budget spec and a profile; solve the multiple-choice knapsack with "
@@ -126,7 +127,8 @@ def cmd_profile(args) -> None:
     from .models import DEMO, read_config, resolve_dir, skeleton
     from .profiler.calibration import demo_batches, image_folder_batches, summary, text_file_batches
     from .profiler.curvature import parse_sources
-    from .profiler.stream import checkpoint_bytes, parse_memory, profile_streamed
+    from .profiler.stream import parse_memory, profile_streamed
+    from .safety import choose_profile_mode
     from .schemas import write_profile
 
     bits = _bits(args.bits)
@@ -150,8 +152,8 @@ def cmd_profile(args) -> None:
     else:
         batches = text_file_batches(Path(calib), _tokenizer(directory))
     info = summary(batches, str(calib))
-    streamed = args.resume is not None or (
-        args.max_memory is not None and checkpoint_bytes(directory) > parse_memory(args.max_memory))
+    limit = None if args.max_memory is None else parse_memory(args.max_memory)
+    streamed = choose_profile_mode(directory, batches, limit, bool(sources or args.ablation), args.resume is not None)
     if streamed:
         if sources or args.ablation:
             print("note: layer-streamed mode: --curvature/--ablation need the whole model and are not computed")
@@ -340,6 +342,9 @@ def main(argv=None) -> int:
     try:
         COMMANDS[args.command](args)
     except InputError as exc:
+        print(f"mopeq {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # unreadable/unwritable files (permissions, a directory where a file was expected, disk full)
         print(f"mopeq {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

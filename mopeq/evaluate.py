@@ -27,11 +27,11 @@ def perplexity(adapter, windows: torch.Tensor, progress: bool = False) -> float:
 @torch.no_grad()
 def demo_answers(model, vqa, batch: int = 256, progress: bool = False) -> list[bool]:
     """Exact-match correctness of the demo VLM's answer to every question of ``vqa``."""
+    from .demo.model import greedy_matches
+
     correct = []
-    n = len(vqa.questions)
-    for s in tqdm(range(0, n, batch), desc="questions", unit="batch", disable=not progress):
-        got = model.answer(vqa.images[s:s + batch], vqa.questions[s:s + batch])
-        correct += [g.strip() == a for g, a in zip(got, vqa.answers[s:s + batch])]
+    for s in tqdm(range(0, len(vqa.questions), batch), desc="questions", unit="batch", disable=not progress):
+        correct += greedy_matches(model, vqa.images[s:s + batch], vqa.questions[s:s + batch], vqa.answers[s:s + batch])
     return correct
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
 import math
 import shutil
@@ -114,11 +115,15 @@ def _point_path(out: Path, method: str, scope: str, budget: float) -> Path:
 
 
 def _save_point(path: Path, point: dict, measured: Measured) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
     data = dict(point, per_window_nll=measured.nll.tolist(), per_question_correct=measured.correct.tolist(),
                 per_window_kl=measured.kl.tolist())
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data))
+    _atomic_text(path, json.dumps(data))
+
+
+def _atomic_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
     tmp.replace(path)
 
 
@@ -128,8 +133,9 @@ def _load_point(path: Path, profile_sha: str):
     data = json.loads(path.read_text())
     if data.get("profile_sha256") != profile_sha:
         return None
-    measured = Measured(np.array(data.pop("per_window_nll")), np.array(data.pop("per_question_correct")),
-                        np.array(data.pop("per_window_kl")))
+    # float32, as measured: a resumed sweep must give the same statistics as an uninterrupted one
+    measured = Measured(np.array(data.pop("per_window_nll"), dtype=np.float32),
+                        np.array(data.pop("per_question_correct")), np.array(data.pop("per_window_kl"), dtype=np.float32))
     return data, measured
 
 
@@ -221,18 +227,20 @@ def _profile_demo(spec, path: Path, methods, progress: bool) -> None:
 
 def write_outputs(out: Path, results, judge: DemoJudge) -> dict:
     rows = [p for p, _ in results]
-    with open(out / "points.csv", "w", newline="") as f:
-        cols = ["method", "scope", "budget_avg_bits", "avg_bits", "avg_code_bits", "bytes", "perplexity",
-                "accuracy", "kl", "gap"]
-        writer = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
+    cols = ["method", "scope", "budget_avg_bits", "avg_bits", "avg_code_bits", "bytes", "perplexity",
+            "accuracy", "kl", "gap"]
+    table = io.StringIO()
+    writer = csv.DictWriter(table, fieldnames=cols, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    _atomic_text(out / "points.csv", table.getvalue())
     reference = dict(judge.reference.summary(), kl=0.0)
     comparisons = compare(results)
-    (out / "points.json").write_text(json.dumps({"version": 1, "unquantized": reference, "points": rows,
-                                                 "comparisons": comparisons}, indent=1) + "\n")
-    plot(rows, reference, out / "pareto.png")
-    (out / "report.md").write_text(report(rows, reference, comparisons))
+    _atomic_text(out / "points.json", json.dumps({"version": 1, "unquantized": reference, "points": rows,
+                                                  "comparisons": comparisons}, indent=1) + "\n")
+    plot(rows, reference, out / ".pareto.png.tmp")
+    (out / ".pareto.png.tmp").replace(out / "pareto.png")
+    _atomic_text(out / "report.md", report(rows, reference, comparisons))
     return {"unquantized": reference, "points": rows, "comparisons": comparisons}
 
 
@@ -283,7 +291,7 @@ def plot(rows, reference: dict, path: Path) -> None:
     axes[0].legend(fontsize=7)
     fig.suptitle("mopeq on the demo model: size vs. measured quality")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, format="png")
     plt.close(fig)
 
 

@@ -144,7 +144,7 @@ def _check_entry(path: Path, name: str, entry: Any, data_bytes: int) -> dict:
             and offsets[0] <= offsets[1] <= data_bytes):
         raise InputError(f"{where}: data_offsets {offsets!r} lie outside the file's {data_bytes} data bytes "
                          "(truncated or corrupted)")
-    if dtype not in DTYPE_BYTES:
+    if not isinstance(dtype, str) or dtype not in DTYPE_BYTES:
         raise InputError(f"{where}: dtype {dtype!r} is not one mopeq reads ({', '.join(DTYPE_BYTES)})")
     expected = math.prod(shape) * DTYPE_BYTES[dtype]
     if offsets[1] - offsets[0] != expected:
@@ -155,3 +155,75 @@ def _check_entry(path: Path, name: str, entry: Any, data_bytes: int) -> dict:
 
 def _is_count(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+# --- memory a profile needs ------------------------------------------------------------------------------
+
+def profile_memory(directory: Path, batches: list[dict], whole_model: bool) -> dict[str, int]:
+    """Estimated peak bytes of ``mopeq profile``, from safetensors headers only (nothing loaded).
+
+    ``in_memory``: float32 weights + activations of one batch (+ curvature buffers when
+    ``whole_model``: gradient, probe and Hessian-vector product per weight, and the activations every
+    layer keeps for the double backward). ``streamed``: weights outside the decoder layers + the
+    largest layer + the hidden states carried for every calibration batch + one batch's activations.
+    """
+    import re
+
+    numel = {k: math.prod(e["shape"]) for p in sorted(set(checkpoint_shards(directory).values()))
+             for k, e in check_safetensors(p).items()}
+    layer_of = {k: m.group(1) for k in numel if (m := re.search(r"\.layers\.(\d+)\.", k))}
+    per_layer: dict[str, int] = {}
+    for key, layer in layer_of.items():
+        per_layer[layer] = per_layer.get(layer, 0) + 4 * numel[key]
+    weights = 4 * sum(numel.values())
+    vocab, hidden = _embedding_shape(directory)
+    batch_tokens = max((int(b["input_ids"].numel()) for b in batches), default=0)
+    all_tokens = sum(int(b["input_ids"].numel()) for b in batches)
+    activations = 4 * batch_tokens * (2 * vocab + 16 * hidden)
+    curvature = 3 * weights + 2 * 4 * batch_tokens * 16 * hidden * max(len(per_layer), 1) if whole_model else 0
+    largest = max(per_layer.values(), default=weights)
+    return {"weights": weights, "activations": activations, "curvature": curvature,
+            "in_memory": weights + activations + curvature,
+            "outside_layers": weights - sum(per_layer.values()), "largest_layer": largest,
+            "hidden_states": 2 * 4 * all_tokens * hidden,
+            "streamed": weights - sum(per_layer.values()) + largest + 2 * 4 * all_tokens * hidden + activations}
+
+
+def _embedding_shape(directory: Path) -> tuple[int, int]:
+    shapes = {k: e["shape"] for p in sorted(set(checkpoint_shards(directory).values()))
+              for k, e in check_safetensors(p).items() if "embed" in k and k.endswith("weight")}
+    two_d = [s for s in shapes.values() if len(s) == 2]
+    return tuple(max(two_d, key=math.prod)) if two_d else (0, 0)
+
+
+def choose_profile_mode(directory: Path, batches: list[dict], limit: int | None, whole_model: bool,
+                        resume: bool) -> bool:
+    """True to profile layer-streamed; refuse (``InputError``) a profile that cannot fit in ``limit`` bytes.
+
+    Without a limit: streamed only when ``resume``. With one: in memory if it fits; else streamed,
+    unless ``whole_model`` (loss curvature / ablation was asked for), which streaming cannot give.
+    """
+    if limit is None:
+        return resume
+    need = profile_memory(directory, batches, whole_model)
+    if not resume and need["in_memory"] <= limit:
+        return False
+    if need["streamed"] > limit:
+        raise InputError(f"--max-memory {_size(limit)}: even layer-streamed profiling of {directory} needs about "
+                         f"{_size(need['streamed'])} (weights outside the layers {_size(need['outside_layers'])} + "
+                         f"largest layer {_size(need['largest_layer'])} + hidden states {_size(need['hidden_states'])}"
+                         f"); raise --max-memory or calibrate on fewer tokens")
+    if whole_model and not resume:
+        raise InputError(f"--max-memory {_size(limit)}: profiling {directory} with --curvature/--ablation needs about "
+                         f"{_size(need['in_memory'])} (weights {_size(need['weights'])} + activations "
+                         f"{_size(need['activations'])} + curvature buffers {_size(need['curvature'])}); drop "
+                         f"--curvature/--ablation to profile layer-streamed (about {_size(need['streamed'])}), "
+                         f"or raise --max-memory")
+    return True
+
+
+def _size(n: int) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} B"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from pathlib import Path
 from typing import Any, Literal
 
@@ -115,16 +116,44 @@ def write_profile(profile: Profile, path: Path) -> None:
 
 def read_profile(path: Path) -> Profile:
     raw = _read_json(path, "profile")
+    _check_node_link(path, raw)
     try:
         graph = nx.node_link_graph(raw, edges="edges")
         meta = ProfileMeta(**graph.graph)
         nodes = [ExpertNode(id=n, **attrs) for n, attrs in graph.nodes(data=True)]
-    except (ValidationError, KeyError, TypeError, nx.NetworkXError) as exc:
+        edges = [(a, b, float(d.get("weight", 0.0))) for a, b, d in graph.edges(data=True)]
+    except (ValidationError, KeyError, TypeError, ValueError, nx.NetworkXError) as exc:
         raise InputError(f"{path}: not a mopeq profile ({_first_error(exc)})") from None
     if meta.version != PROFILE_VERSION:
         raise InputError(f"{path}: profile version {meta.version}, expected {PROFILE_VERSION}; re-run `mopeq profile`")
-    edges = [(a, b, float(d.get("weight", 0.0))) for a, b, d in graph.edges(data=True)]
     return Profile(meta=meta, experts=nodes, edges=edges, sha256=sha256_file(path))
+
+
+def _check_node_link(path: Path, raw: Any) -> None:
+    """The networkx node-link shape (before networkx sees it), and no NaN or infinite numbers anywhere."""
+    if not isinstance(raw, dict) or not isinstance(raw.get("graph", {}), dict):
+        raise InputError(f"{path}: not a mopeq profile (expected an object with graph, nodes and edges)")
+    for part, needs in (("nodes", ("id",)), ("edges", ("source", "target"))):
+        items = raw.get(part, [])
+        if not isinstance(items, list) or not all(isinstance(x, dict) and all(k in x for k in needs) for x in items):
+            raise InputError(f"{path}: not a mopeq profile ({part}: expected a list of objects with {', '.join(needs)})")
+        if not all(isinstance(x[k], (str, int)) for x in items for k in needs):
+            raise InputError(f"{path}: not a mopeq profile ({part}: {', '.join(needs)} must be strings)")
+    bad = _non_finite(raw)
+    if bad:
+        raise InputError(f"{path}: {bad} is NaN or infinite; profiles hold finite numbers only")
+
+
+def _non_finite(value: Any, where: str = "") -> str:
+    """Dotted path of the first NaN/inf number in a JSON tree ('' if none)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return where or "(top level)"
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, child in items:
+        found = _non_finite(child, f"{where}.{key}" if where else str(key))
+        if found:
+            return found
+    return ""
 
 
 class SolverReport(BaseModel):
@@ -133,7 +162,7 @@ class SolverReport(BaseModel):
     objective: float
     bound: float
     gap: float  # (objective - bound) / max(|objective|, eps), proven
-    seconds: float
+    seconds: float = 0.0  # wall clock of the solve; kept in memory, not written to plan.json (determinism)
 
 
 class ExpertPlan(BaseModel):
@@ -162,11 +191,20 @@ class Plan(BaseModel):
 
 
 def write_plan(plan: Plan, path: Path) -> None:
-    _atomic_write_json(path, plan.model_dump())
+    """Write ``plan.json``; the solve's wall-clock time is left out so equal inputs give equal bytes."""
+    _atomic_write_json(path, plan_record(plan))
+
+
+def plan_record(plan: Plan) -> dict:
+    data = plan.model_dump()
+    data["solver"].pop("seconds", None)
+    return data
 
 
 def read_plan(path: Path) -> Plan:
     raw = _read_json(path, "plan")
+    if not isinstance(raw, dict):
+        raise InputError(f"{path}: not a mopeq plan (expected a JSON object, got {type(raw).__name__})")
     try:
         plan = Plan(**raw)
     except ValidationError as exc:
@@ -190,8 +228,8 @@ def _read_json(path: Path, what: str) -> Any:
         raise InputError(f"{path}: {what} file not found")
     try:
         return json.loads(path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InputError(f"{path}: not valid JSON ({exc})") from None
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise InputError(f"{path}: not valid JSON ({str(exc).splitlines()[0][:200]})") from None
 
 
 def _atomic_write_json(path: Path, data: Any) -> None:

@@ -206,14 +206,20 @@ def load_spec(path) -> Spec:
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: spec file not found")
-    text = path.read_text()
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError:
+        raise InputError(f"{path}: not UTF-8 text") from None
     try:
         root = yaml.compose(text, Loader=yaml.SafeLoader)
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = mark.line + 1 if mark else 1
-        raise InputError(f"{path}:{line}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
+        problem = " ".join(str(getattr(exc, "problem", None) or exc).split())[:200]
+        raise InputError(f"{path}:{line}: not valid YAML ({problem})") from None
+    except RecursionError:
+        raise InputError(f"{path}: YAML nested too deeply") from None
     if not isinstance(data, dict):
         raise InputError(f"{path}:1: expected a mapping of spec fields, got {type(data).__name__}")
     try:

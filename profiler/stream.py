@@ -49,16 +49,9 @@ class CheckpointReader:
     """Tensor names -> shard file for a directory with ``model.safetensors`` or a sharded index."""
 
     def __init__(self, directory: Path):
-        index = directory / "model.safetensors.index.json"
-        if index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
-            self.where = {k: directory / f for k, f in weight_map.items()}
-        elif (directory / "model.safetensors").is_file():
-            path = directory / "model.safetensors"
-            with safe_open(str(path), "pt") as f:
-                self.where = {k: path for k in f.keys()}
-        else:
-            raise InputError(f"{directory}: no model.safetensors or model.safetensors.index.json")
+        from ..safety import checkpoint_shards
+
+        self.where = checkpoint_shards(directory)  # shard names kept inside, headers checked vs. file sizes
         self.keys = set(self.where)
 
     def read(self, key: str) -> torch.Tensor:

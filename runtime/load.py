@@ -16,7 +16,7 @@ from pydantic import ValidationError
 from safetensors import SafetensorError, safe_open
 
 from ..compiler.pack import SUPPORTED_BITS, packed_words
-from ..models import LoadedModel, skeleton
+from ..models import LoadedModel, read_config, skeleton
 from ..models.base import MATRICES, ExpertRef
 from ..safety import check_safetensors, inside, read_json_object
 from ..schemas import InputError, Plan, config_hash, sha256_file
@@ -131,7 +131,7 @@ def load(artifact_dir: str | Path, device: str = "cpu", verify: bool = True) -> 
     if not directory.is_dir():
         raise InputError(f"{directory}: artifact directory not found")
     manifest = read_manifest(directory)
-    config = read_json_object(directory / "config.json", "config")
+    config = read_config(directory)  # JSON object with model_type and sane size fields
     plan = manifest["plan"]
     if verify and config_hash(config) != manifest.get("config_hash"):
         raise InputError(f"{directory / 'config.json'}: does not match {MANIFEST} (config hash "

@@ -30,7 +30,8 @@ def test_profile_covers_every_expert(chain):
     cfg = json.loads((REPO / "mopeq" / "demo" / "weights" / "config.json").read_text())
     routed = [n for n in profile.experts if not n.shared]
     assert len(routed) == cfg["num_hidden_layers"] * cfg["n_routed_experts"]
-    assert sum(n.tokens for n in routed) == profile.meta.calibration["tokens"] * cfg["num_experts_per_tok"]
+    per_layer_slots = profile.meta.calibration["tokens"] * cfg["num_experts_per_tok"]
+    assert sum(n.tokens for n in routed) == cfg["num_hidden_layers"] * per_layer_slots
     for node in profile.experts:
         assert node.perturbation["2"] > node.perturbation["3"] > node.perturbation["4"] > 0
         assert all(v == v for s in node.sensitivity.values() for v in s.values())  # no NaN

@@ -160,6 +160,22 @@ class DemoVLM(nn.Module):
         return [decode(o).split("\n")[0] for o in out]
 
 
+@torch.no_grad()
+def greedy_matches(model: "DemoVLM", images: torch.Tensor, questions: list[str], answers: list[str]) -> list[bool]:
+    """Whether greedy decoding would produce exactly ``answer`` then a newline, for each question.
+
+    Greedy output equals ``answer + "\n"`` iff, teacher-forced along that string, the argmax over bytes
+    matches every next token; so one forward pass replaces token-by-token generation.
+    """
+    seqs = [(vqa_prompt(model.config, q), encode(a + "\n")) for q, a in zip(questions, answers)]
+    width = max(len(p) + len(a) for p, a in seqs)
+    ids = torch.full((len(seqs), width), PAD_ID, dtype=torch.long)
+    for i, (p, a) in enumerate(seqs):
+        ids[i, : len(p) + len(a)] = torch.tensor(p + a)
+    pred = model(ids, images).logits[..., :256].argmax(-1)  # [B, T]; right padding leaves the prefix causal
+    return [bool((pred[i, len(p) - 1 : len(p) + len(a) - 1] == torch.tensor(a)).all()) for i, (p, a) in enumerate(seqs)]
+
+
 def vqa_prompt(cfg: DemoConfig, question: str) -> list[int]:
     return [BOS_ID] + [IMAGE_ID] * cfg.num_image_tokens + encode(f"Q: {question}\nA: ")
 

@@ -66,7 +66,8 @@ def _table(loaded, profile, plan, artifact: Path, base: dict, quant: dict) -> di
     row = {
         "unquantized_perplexity": base["perplexity"], "unquantized_accuracy": base["accuracy"],
         "unquantized_bytes_fp16": dense_bytes, "expert_bytes_fp16": expert_bf16,
-        "plan_avg_bits": plan.totals["avg_bits"], "plan_expert_bytes": plan.totals["bytes"],
+        "plan_avg_bits": plan.totals["avg_bits"], "plan_avg_code_bits": plan.totals["avg_code_bits"],
+        "plan_expert_bytes": plan.totals["bytes"],
         "artifact_bytes": on_disk, "quantized_perplexity": quant["perplexity"], "quantized_accuracy": quant["accuracy"],
         "solver": f"{plan.solver.backend} {plan.solver.status} gap {plan.solver.gap:.1e}",
     }
@@ -76,7 +77,9 @@ def _table(loaded, profile, plan, artifact: Path, base: dict, quant: dict) -> di
         ("held-out question accuracy", f"{100 * base['accuracy']:.2f} %", f"{100 * quant['accuracy']:.2f} %"),
         ("expert weights", f"{expert_bf16 / 2**20:.2f} MiB (fp16)", f"{plan.totals['bytes'] / 2**20:.2f} MiB (plan)"),
         ("model on disk", f"{dense_bytes / 2**20:.2f} MiB (fp16)", f"{on_disk / 2**20:.2f} MiB (artifact)"),
-        ("average expert bits", "16", f"{plan.totals['avg_bits']:.3f} ({row['solver']})"),
+        ("average expert bits (codes)", "16", f"{plan.totals['avg_code_bits']:.3f}"),
+        ("average expert bits (with scales)", "16", f"{plan.totals['avg_bits']:.3f}"),
+        ("solver", "", row["solver"]),
     ]
     width = max(len(a) for a, _, _ in lines)
     print()

@@ -6,14 +6,14 @@ without real weights, which is all the compiler needs to know where experts live
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from huggingface_hub.errors import StrictDataclassError
 from torch import nn
 
-from ..safety import read_json
+from ..safety import checkpoint_shards, read_json
 from ..schemas import InputError, config_hash
 from .base import ExpertRef, MoEAdapter
 from .deepseek import DeepseekAdapter, DemoAdapter
@@ -69,7 +69,30 @@ def read_config(directory: Path) -> dict:
     config = read_json(directory / "config.json", "config")
     if not isinstance(config, dict) or not isinstance(config.get("model_type"), str):
         raise InputError(f"{directory / 'config.json'}: no 'model_type' field")
+    _check_sizes(config, directory / "config.json")
     return config
+
+
+# Size fields that build tensors: a stranger's config.json must give sane integers before any module is built.
+SIZE_FIELDS = {"hidden_size", "intermediate_size", "moe_intermediate_size", "num_hidden_layers", "num_attention_heads",
+               "num_key_value_heads", "n_routed_experts", "num_experts", "num_local_experts", "num_experts_per_tok",
+               "vocab_size", "max_position_embeddings", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim",
+               "v_head_dim", "head_dim", "image_size", "patch_size", "vision_dim", "q_lora_rank",
+               "shared_expert_intermediate_size", "n_shared_experts", "first_k_dense_replace", "moe_layer_freq"}
+ZERO_OK = {"n_shared_experts", "first_k_dense_replace", "shared_expert_intermediate_size"}
+NULL_OK = {"q_lora_rank", "head_dim", "num_key_value_heads", "n_shared_experts", "shared_expert_intermediate_size",
+           "moe_layer_freq", "max_position_embeddings"}
+MAX_SIZE = 1 << 24
+
+
+def _check_sizes(config: dict, where: Path, prefix: str = "") -> None:
+    for key, value in config.items():
+        if key in SIZE_FIELDS and not (value is None and key in NULL_OK):
+            low = 0 if key in ZERO_OK else 1
+            if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= MAX_SIZE:
+                raise InputError(f"{where}: {prefix}{key} is {value!r}, expected an integer in [{low}, {MAX_SIZE}]")
+        elif isinstance(value, dict):
+            _check_sizes(value, where, f"{prefix}{key}.")
 
 
 def adapter_class(config: dict, where: Path) -> type[MoEAdapter]:
@@ -100,6 +123,16 @@ def _hf_config(config: dict):
 def skeleton(config: dict, where: Path, device: str = "meta") -> MoEAdapter:
     """An adapter over a weightless module tree (``device="meta"``) built from ``config``."""
     cls = adapter_class(config, where)
+    try:
+        model = _build(cls, config, where, device)
+    except StrictDataclassError as exc:  # transformers' typed config refused a field of config.json
+        raise InputError(f"{Path(where) / 'config.json'}: {' '.join(str(exc).split())[:300]}") from None
+    adapter = cls(model)
+    adapter.source_dir = Path(where)
+    return adapter
+
+
+def _build(cls, config: dict, where: Path, device: str) -> nn.Module:
     with torch.device(device):
         model = cls.build_model(config, where)
         if model is not None:
@@ -112,9 +145,7 @@ def skeleton(config: dict, where: Path, device: str = "meta") -> MoEAdapter:
             from transformers import AutoModelForCausalLM
 
             model = AutoModelForCausalLM.from_config(_hf_config(config), attn_implementation="eager")
-    adapter = cls(model)
-    adapter.source_dir = Path(where)
-    return adapter
+    return model
 
 
 def open_model(path: str | Path, dtype: torch.dtype = torch.float32) -> LoadedModel:
@@ -122,6 +153,7 @@ def open_model(path: str | Path, dtype: torch.dtype = torch.float32) -> LoadedMo
     directory = resolve_dir(path)
     config = read_config(directory)
     cls = adapter_class(config, directory)
+    checkpoint_shards(directory)  # safetensors only (never pickle), names and headers checked before loading
     model = cls.load_model(directory, config, dtype)
     if model is not None:
         pass
@@ -132,7 +164,8 @@ def open_model(path: str | Path, dtype: torch.dtype = torch.float32) -> LoadedMo
     else:
         from transformers import AutoModelForCausalLM
 
-        model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, attn_implementation="eager")
+        model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, attn_implementation="eager",
+                                                     use_safetensors=True)
     model.eval()
     model_id = DEMO if str(path) == DEMO else str(config.get("_name_or_path") or directory.name)
     adapter = cls(model)
