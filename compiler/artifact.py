@@ -28,7 +28,10 @@ timestamps; the manifest's versions are those of the installed packages).
 from __future__ import annotations
 
 import json
+import mmap
+import os
 import shutil
+import struct
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,11 +43,11 @@ from tqdm import tqdm
 
 from ..models import read_config, resolve_dir, skeleton
 from ..models.base import DiskTensor, ExpertRef
-from ..safety import checkpoint_shards
+from ..safety import check_safetensors, checkpoint_shards
 from ..schemas import InputError, Plan, plan_record, config_hash, sha256_file
 from .gptq import GPTQSettings, GramFile, Quantizer, gptq_quantize
-from .pack import pack_int32
-from .quantize import QuantizedWeight, quantize
+from .pack import pack_int32, packed_words
+from .quantize import QuantizedWeight, num_groups, quantize, quantize_packed
 
 ARTIFACT_VERSION = 1
 MANIFEST = "mopeq.json"
@@ -133,15 +136,40 @@ def make_quantizer(method: str = "rtn", grams: Path | None = None, settings: GPT
 def quantize_job(job: Job, tensor: torch.Tensor, plan: Plan,
                  quantizer: MatrixQuantizer | None = None) -> dict[str, torch.Tensor]:
     w = _take(job, tensor)
-    scale_dtype = tensor.dtype if tensor.dtype in (torch.float16, torch.bfloat16) else torch.float16
-    qw = (quantizer or MatrixQuantizer())(job, w, plan, scale_dtype)
+    scale_dtype = _scale_dtype(tensor.dtype)
+    quantizer = quantizer or MatrixQuantizer()
+    if quantizer.method == Quantizer.RTN:  # the same bits as quantize + pack_int32, without [N, K] temporaries
+        packed, scale, zero = quantize_packed(w, job.bits, plan.group_size, plan.symmetric, plan.clip_search,
+                                              scale_dtype)
+    else:
+        qw = quantizer(job, w, plan, scale_dtype)
+        packed, scale, zero = pack_int32(qw.codes, job.bits), qw.scale, qw.zero
     out = {
-        f"{job.name}.weight_packed": pack_int32(qw.codes, job.bits),
-        f"{job.name}.weight_scale": qw.scale.contiguous(),
+        f"{job.name}.weight_packed": packed,
+        f"{job.name}.weight_scale": scale.contiguous(),
         f"{job.name}.weight_shape": torch.tensor(list(w.shape), dtype=torch.int64),
     }
-    if qw.zero is not None:
-        out[f"{job.name}.weight_zero_point"] = qw.zero.contiguous()
+    if zero is not None:
+        out[f"{job.name}.weight_zero_point"] = zero.contiguous()
+    return out
+
+
+def _scale_dtype(dtype: torch.dtype) -> torch.dtype:
+    return dtype if dtype in (torch.float16, torch.bfloat16) else torch.float16
+
+
+def job_outputs(job: Job, dtype: torch.dtype, shape: list[int], plan: Plan) -> list[tuple[str, str, list[int]]]:
+    """``(name, safetensors dtype, shape)`` of what ``quantize_job`` makes from a source tensor, in its order.
+
+    Checks the source shape and dtype the way ``quantize_job`` does (on a meta tensor, no data read).
+    """
+    n, k = _take(job, torch.empty(shape, dtype=dtype, device="meta")).shape
+    g = num_groups(k, min(plan.group_size, k))
+    out = [(f"{job.name}.weight_packed", "I32", [n, packed_words(k, job.bits)]),
+           (f"{job.name}.weight_scale", ST_DTYPES[_scale_dtype(dtype)], [n, g]),
+           (f"{job.name}.weight_shape", "I64", [2])]
+    if not plan.symmetric:
+        out.append((f"{job.name}.weight_zero_point", "U8", [n, g]))
     return out
 
 
@@ -192,6 +220,132 @@ class ShardWriter:
             path.rename(self.directory / final)
             weight_map.update({n: final for n in names})
         return weight_map
+
+
+# safetensors dtype names; ``save_file`` orders a file's tensors by this list (last first), then by name.
+ST_ORDER = ["BOOL", "U8", "I8", "F8_E5M2", "F8_E4M3", "F8_E8M0", "I16", "U16", "F16", "BF16", "I32", "U32",
+            "F32", "F64", "I64", "U64"]
+ST_DTYPES = {torch.bool: "BOOL", torch.uint8: "U8", torch.int8: "I8", torch.int16: "I16", torch.float16: "F16",
+             torch.bfloat16: "BF16", torch.int32: "I32", torch.float32: "F32", torch.float64: "F64",
+             torch.int64: "I64", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2"}
+TORCH_DTYPES = {v: k for k, v in ST_DTYPES.items()}
+ST_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "F8_E8M0": 1, "I16": 2, "U16": 2,
+            "F16": 2, "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "F64": 8, "I64": 8, "U64": 8}
+ST_METADATA = {"format": "pt"}
+
+
+def safetensors_header(tensors: list[tuple[str, str, list[int]]], metadata: dict | None = None) -> tuple[bytes, dict]:
+    """The header ``safetensors.torch.save_file`` writes for ``(name, dtype, shape)`` tensors, byte for byte
+    (8-byte little-endian length, compact JSON, space padding to 8 bytes), and each tensor's data offset."""
+    order = sorted(tensors, key=lambda t: (-ST_ORDER.index(t[1]), t[0].encode()))
+    header, offsets, pos = ({"__metadata__": metadata} if metadata else {}), {}, 0
+    for name, dtype, shape in order:
+        end = pos + ST_BYTES[dtype] * _numel(shape)
+        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [pos, end]}
+        offsets[name], pos = pos, end
+    raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    raw += b" " * (-len(raw) % 8)
+    return struct.pack("<Q", len(raw)) + raw, offsets
+
+
+def _numel(shape) -> int:
+    out = 1
+    for d in shape:
+        out *= d
+    return out
+
+
+class StreamingShardWriter:
+    """Shard writer for a layout known up front: no shard is ever held in memory.
+
+    ``tensors`` lists every output ``(name, dtype, shape)`` in the order they will arrive; shards are cut
+    where ``ShardWriter`` would cut them (a shard closes when the next tensor would take it past
+    ``max_bytes``). Each shard's header is written first, then every tensor's bytes at their offset as
+    they arrive (``add``, or ``copy`` straight from a source file), so the shards are byte-identical to
+    ``ShardWriter``'s ``save_file`` output for the same tensors.
+    """
+
+    def __init__(self, directory: Path, max_bytes: int, tensors: list[tuple[str, str, list[int]]]):
+        self.directory = directory
+        groups, size = [], 0
+        for spec in tensors:
+            nbytes = ST_BYTES[spec[1]] * _numel(spec[2])
+            if not groups or (groups[-1] and size + nbytes > max_bytes):
+                groups.append([])
+                size = 0
+            groups[-1].append(spec)
+            size += nbytes
+        self.shards: list[tuple[Path, list[str]]] = []
+        self.where: dict[str, tuple[int, str, list[int], int, int]] = {}  # name -> shard, dtype, shape, offset, bytes
+        self.left: list[int] = []
+        for i, group in enumerate(groups):
+            path = directory / f"shard-{i:05d}.tmp"
+            header, offsets = safetensors_header(group, ST_METADATA)
+            for name, dtype, shape in group:
+                self.where[name] = (i, dtype, list(shape), len(header) + offsets[name],
+                                    ST_BYTES[dtype] * _numel(shape))
+            self.shards.append((path, sorted(n for n, _, _ in group)))
+            self.left.append(len(group))
+            with open(path, "wb") as f:
+                f.write(header)
+                f.truncate(len(header) + sum(ST_BYTES[d] * _numel(s) for _, d, s in group))
+        self.fds: dict[int, int] = {}
+
+    def _slot(self, name: str) -> tuple[int, int, int]:
+        if name not in self.where:
+            raise RuntimeError(f"compile: tensor {name} was not in the planned layout (or written twice)")
+        shard, dtype, shape, offset, nbytes = self.where.pop(name)
+        if shard not in self.fds:
+            self.fds[shard] = os.open(self.shards[shard][0], os.O_WRONLY)
+        return shard, offset, nbytes
+
+    def _done(self, shard: int) -> None:
+        self.left[shard] -= 1
+        if not self.left[shard]:
+            os.close(self.fds.pop(shard))
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        spec = self.where.get(name)
+        if spec is not None and (ST_DTYPES.get(tensor.dtype) != spec[1] or list(tensor.shape) != spec[2]):
+            raise RuntimeError(f"compile: tensor {name} is {tensor.dtype} {list(tensor.shape)}, "
+                               f"planned {spec[1]} {spec[2]}")
+        shard, offset, nbytes = self._slot(name)
+        data = memoryview(tensor.contiguous().reshape(-1).view(torch.uint8).numpy())
+        fd = self.fds[shard]
+        while data:
+            done = os.pwrite(fd, data, offset)
+            data, offset = data[done:], offset + done
+        self._done(shard)
+
+    def copy(self, name: str, src_fd: int, src_offset: int) -> None:
+        """Copy ``name``'s bytes from an open file, in the kernel where it can (``copy_file_range``)."""
+        shard, offset, nbytes = self._slot(name)
+        fd = self.fds[shard]
+        while nbytes:
+            try:
+                done = os.copy_file_range(src_fd, fd, nbytes, src_offset, offset)
+            except (AttributeError, OSError):
+                done = os.pwrite(fd, os.pread(src_fd, min(nbytes, 64 << 20), src_offset), offset)
+            if done <= 0:
+                raise OSError(f"compile: short copy of tensor {name}")
+            nbytes, src_offset, offset = nbytes - done, src_offset + done, offset + done
+        self._done(shard)
+
+    def finish(self) -> dict[str, str]:
+        """Rename shards to ``model-0000K-of-0000N.safetensors``; return the weight map."""
+        if self.where:
+            raise RuntimeError(f"compile: {len(self.where)} planned tensors never written, e.g. {next(iter(self.where))}")
+        weight_map = {}
+        for i, (path, names) in enumerate(self.shards):
+            final = f"model-{i + 1:05d}-of-{len(self.shards):05d}.safetensors"
+            path.rename(self.directory / final)
+            weight_map.update({n: final for n in names})
+        return weight_map
+
+    def close(self) -> None:
+        for fd in self.fds.values():
+            os.close(fd)
+        self.fds = {}
 
 
 def check_vllm(plan: Plan, jobs: dict[str, list[Job]], adapter) -> None:
@@ -261,8 +415,7 @@ def compile_artifact(model: str | Path, plan: Plan, output: Path, overwrite: boo
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        weight_map, ignore = _write_tensors(shard_of, jobs, plan, ShardWriter(tmp, max_shard_bytes), progress,
-                                            quantizer)
+        weight_map, ignore = _write_tensors(shard_of, jobs, plan, tmp, max_shard_bytes, progress, quantizer)
         _write_metadata(tmp, directory, config, plan, jobs, weight_map, ignore, quantizer)
         _replace(tmp, output)
     except BaseException:
@@ -281,28 +434,63 @@ def _replace(tmp: Path, output: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def _write_tensors(shard_of, jobs, plan, writer: ShardWriter, progress: bool,
+def _write_tensors(shard_of, jobs, plan, tmp: Path, max_shard_bytes: int, progress: bool,
                    quantizer: MatrixQuantizer) -> tuple[dict[str, str], list[str]]:
-    """Stream every source tensor into ``writer``; returns the weight map and the unquantized 2-D modules."""
+    """Stream every source tensor into the output shards; returns the weight map and the unquantized 2-D modules.
+
+    The output layout is computed from the source headers before anything is quantized; unquantized
+    tensors are copied byte for byte (never decoded), expert tensors are read zero-copy from a private
+    mapping of their shard, one source tensor at a time.
+    """
     ignore = []
     by_shard: dict[Path, list[str]] = defaultdict(list)
     for key, path in shard_of.items():
         by_shard[path].append(key)
-    bar = tqdm(total=len(shard_of), desc="compile", unit="tensor", disable=not progress)
+    sources, layout = [], []
     for path in sorted(by_shard):
-        with safe_open(str(path), "pt") as f:
-            for key in sorted(by_shard[path], key=_natural):
-                tensor = f.get_tensor(key)
-                if key in jobs:
-                    for job in jobs[key]:
-                        for name, t in quantize_job(job, tensor, plan, quantizer).items():
-                            writer.add(name, t)
-                else:
-                    writer.add(key, tensor)
-                    if tensor.dim() == 2 and key.endswith(".weight"):
-                        ignore.append(key[: -len(".weight")])
-                del tensor
-                bar.update()
+        header = check_safetensors(path)
+        with open(path, "rb") as f:
+            start = 8 + struct.unpack("<Q", f.read(8))[0]
+        keys = sorted(by_shard[path], key=_natural)
+        sources.append((path, start, header, keys))
+        for key in keys:
+            entry = header[key]
+            if key in jobs:
+                dtype = TORCH_DTYPES.get(entry["dtype"])
+                if dtype is None or not dtype.is_floating_point:
+                    raise InputError(f"checkpoint: tensor {key} is {entry['dtype']}, expected floating-point weights")
+                for job in jobs[key]:
+                    layout += job_outputs(job, dtype, entry["shape"], plan)
+            else:
+                layout.append((key, entry["dtype"], entry["shape"]))
+                if len(entry["shape"]) == 2 and key.endswith(".weight"):
+                    ignore.append(key[: -len(".weight")])
+    writer = StreamingShardWriter(tmp, max_shard_bytes, layout)
+    bar = tqdm(total=len(shard_of), desc="compile", unit="tensor", disable=not progress)
+    try:
+        for path, start, header, keys in sources:
+            with open(path, "rb") as f:
+                mapped = None
+                for key in keys:
+                    begin, end = header[key]["data_offsets"]
+                    if key in jobs:
+                        if mapped is None:  # private and read-only in use: pages stay file-backed
+                            mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+                        entry = header[key]
+                        dtype = TORCH_DTYPES[entry["dtype"]]
+                        tensor = torch.frombuffer(mapped, dtype=dtype, count=_numel(entry["shape"]),
+                                                  offset=start + begin).view(entry["shape"]) \
+                            if end > begin else torch.empty(entry["shape"], dtype=dtype)
+                        for job in jobs[key]:
+                            for name, t in quantize_job(job, tensor, plan, quantizer).items():
+                                writer.add(name, t)
+                        del tensor
+                    else:
+                        writer.copy(key, f.fileno(), start + begin)
+                    bar.update()
+                del mapped  # closed once no tensor views it
+    finally:
+        writer.close()
     bar.close()
     return writer.finish(), ignore
 

@@ -11,6 +11,7 @@ a word shifted left by ``bits*i``), provided codes are the signed values offset 
 from __future__ import annotations
 
 import functools
+import sys
 
 import torch
 
@@ -36,6 +37,8 @@ def pack_int32(codes: torch.Tensor, bits: int) -> torch.Tensor:
     *lead, k = codes.shape
     words = packed_words(k, bits)
     if 32 % bits == 0:
+        if sys.byteorder == "little" and words:
+            return _pack_bytes(codes, bits, lead, k, words)
         per_word = 32 // bits
         padded = torch.zeros(*lead, words * per_word, dtype=torch.int32, device=codes.device)
         padded[..., :k] = codes
@@ -53,6 +56,28 @@ def pack_int32(codes: torch.Tensor, bits: int) -> torch.Tensor:
         packed = (padded.view(*lead, words, 32) << torch.arange(32, device=codes.device)).sum(-1)
     # Words above 2**31 wrap to negative int32, as a C cast would.
     return torch.where(packed >= 2**31, packed - 2**32, packed).to(torch.int32)
+
+
+def _pack_bytes(codes: torch.Tensor, bits: int, lead: list, k: int, words: int) -> torch.Tensor:
+    """2/4/8 bits on a little-endian host: shift-or ``8 // bits`` codes into each byte (uint8 arithmetic,
+    a quarter of int32's memory traffic), then reinterpret every 4 bytes as one int32 word. Byte ``j`` of a
+    little-endian word holds word bits ``[8j, 8j + 8)``, so this is the layout above, bit for bit."""
+    per_byte = 8 // bits
+    nbytes = words * 4
+    c = codes.to(torch.uint8)
+    if k != nbytes * per_byte:
+        c = torch.nn.functional.pad(c, (0, nbytes * per_byte - k))
+    if per_byte == 1:
+        out = c.clone(memory_format=torch.contiguous_format)
+    else:
+        # Read each byte's codes as one little-endian int16 (4 bits) or int32 (2 bits): code i sits at
+        # bit 8i, so shifting it right by (8 - bits) * i moves it to bit bits*i; the low byte is the result.
+        lanes = c.contiguous().view(torch.int16 if per_byte == 2 else torch.int32)
+        out = lanes | (lanes >> (8 - bits))
+        for i in range(2, per_byte):
+            out |= lanes >> ((8 - bits) * i)
+        out = out.to(torch.uint8)
+    return out.view(torch.int32)
 
 
 def unpack_int32(packed: torch.Tensor, bits: int, num_codes: int) -> torch.Tensor:

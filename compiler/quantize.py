@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .pack import SUPPORTED_BITS
+from .pack import SUPPORTED_BITS, pack_int32, packed_words
 
 CLIP_RATIOS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7)
 
@@ -98,6 +98,64 @@ def quantize(w: torch.Tensor, bits: int, group_size: int, symmetric: bool = Fals
     codes = q.reshape(n, -1)[:, :k].to(torch.uint8)
     return QuantizedWeight(codes, scale.to(scale_dtype), None if symmetric else zero.to(torch.uint8),
                            bits, group_size)
+
+
+BLOCK_ELEMENTS = 1 << 20  # weights per row block of ``quantize_packed``: bounds its fp32 temporaries
+
+
+def quantize_packed(w: torch.Tensor, bits: int, group_size: int, symmetric: bool = False,
+                    clip_search: bool = False, scale_dtype: torch.dtype = torch.float16,
+                    block_elements: int = BLOCK_ELEMENTS) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """``quantize`` then ``pack_int32``, one cache-sized block of rows at a time: ``(packed, scale, zero)``.
+
+    Quantization is row-wise, so running it on row blocks gives the same bits as the whole matrix
+    (``tests/compiler/test_quantizers.py`` checks byte equality) while every fp32 temporary stays small
+    and cache-resident; no ``[N, K]`` fp32 or uint8 code tensor is ever built.
+    """
+    if bits not in SUPPORTED_BITS:
+        raise ValueError(f"bits: got {bits}, expected one of {SUPPORTED_BITS}")
+    if w.dim() != 2:
+        raise ValueError(f"weight: got shape {tuple(w.shape)}, expected a 2-D [out, in] matrix")
+    n, k = w.shape
+    gs = min(group_size, k)
+    g = num_groups(k, gs)
+    packed = torch.empty(n, packed_words(k, bits), dtype=torch.int32)
+    scale = torch.empty(n, g, dtype=scale_dtype)
+    zero = None if symmetric else torch.empty(n, g, dtype=torch.uint8)
+    rows = max(1, block_elements // max(k, 1))
+    w = w.detach()
+    for r0 in range(0, n, rows):
+        block = w[r0 : r0 + rows]
+        if clip_search:
+            qw = quantize(block, bits, group_size, symmetric, clip_search, scale_dtype)
+            codes, s, z = qw.codes, qw.scale, qw.zero
+        else:
+            codes, s, z = _rtn_block(block, bits, gs, symmetric, scale_dtype)
+        packed[r0 : r0 + rows] = pack_int32(codes, bits)
+        scale[r0 : r0 + rows] = s
+        if zero is not None:
+            zero[r0 : r0 + rows] = z
+    return packed, scale, zero
+
+
+_ROUNDER = float(2**23)  # fl(y + 2**23) - 2**23 == round-half-even(y) for 0 <= y < 2**22
+
+
+def _rtn_block(w: torch.Tensor, bits: int, group_size: int, symmetric: bool, scale_dtype: torch.dtype):
+    """``quantize`` without clip search, bit for bit, in fewer passes: codes as uint8 ``[n, k]``, scale, zero.
+
+    ``quantize`` computes ``clamp(round(w / s + z), 0, qmax)``; since rounding is monotone and fixes
+    the integers 0 and qmax this equals ``round(clamp(w / s + z, 0, qmax))``, and the rounding of a
+    value in ``[0, qmax]`` is done by adding 2**23 (fp32 round-to-nearest-even leaves the integer in the
+    low mantissa bits, which are then read as the code).
+    """
+    n, k = w.shape
+    wg = _grouped(w.float(), group_size)
+    scale, zero = _params(wg, bits, symmetric, 1.0)
+    scale = scale.to(scale_dtype).float().clamp(min=torch.finfo(scale_dtype).tiny)
+    y = torch.div(wg, scale[..., None]).add_(zero[..., None]).clamp_(0, 2**bits - 1).add_(_ROUNDER)
+    codes = y.view(n, -1)[:, :k].view(torch.int32).to(torch.uint8)  # the low byte is the code (< 256)
+    return codes, scale.to(scale_dtype), None if symmetric else zero.to(torch.uint8)
 
 
 def dequantize(qw: QuantizedWeight, dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -81,10 +81,15 @@ def _parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("eval", help="measure a model or artifact on a task",
                        description="Tasks: 'demo' (held-out perplexity and question accuracy of the demo model), "
-                       "'perplexity' (on --text FILE).")
+                       "'perplexity' (on --text FILE), 'vqa' (demo VLM: a JSONL file of image/question/answer "
+                       "records, exact match, or multiple choice with 'choices'), 'fidelity' (KL divergence and "
+                       "top-1 agreement against --reference, on --text or the demo's held-out text).")
     s.add_argument("model", help="artifact directory, model directory, or 'demo'")
-    s.add_argument("--task", default="demo", choices=["demo", "perplexity"], help="task (default: %(default)s)")
-    s.add_argument("--text", type=Path, default=None, help="text file for the perplexity task")
+    s.add_argument("--task", default="demo", choices=["demo", "perplexity", "vqa", "fidelity"],
+                   help="task (default: %(default)s)")
+    s.add_argument("--text", type=Path, default=None, help="text file (.txt or .jsonl) for perplexity / fidelity")
+    s.add_argument("--data", type=Path, default=None, help="VQA JSONL file for the vqa task")
+    s.add_argument("--reference", default=None, help="unquantized model directory (or 'demo') for the fidelity task")
     s.add_argument("--json", action="store_true", help="print the result as JSON")
 
     s = sub.add_parser("pareto", help="size vs. measured quality for every allocation method (demo model)",
@@ -94,8 +99,12 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("spec", type=Path, help="budget spec with a sweep section (e.g. specs/demo-pareto.yaml)")
     s.add_argument("-o", "--output", type=Path, default=Path("pareto"), help="output directory (default: %(default)s)")
     s.add_argument("--methods", default=None, help="comma-separated sensitivity sources (default: hessian, fisher, "
-                   "gauss-newton, hessian-local, frequency; uniform is always included)")
+                   "gauss-newton, hessian-local, ablation, frequency; uniform is always included)")
     s.add_argument("--scopes", default="global,layer", help="comma-separated scopes (default: %(default)s)")
+    s.add_argument("--eval-windows", type=int, default=None,
+                   help="measure on the first N held-out text windows only (default: all 274; for quick checks)")
+    s.add_argument("--eval-questions", type=int, default=None,
+                   help="measure on an evenly spaced subset of N held-out questions (default: all 1800)")
 
     s = sub.add_parser("estimate", help="planned memory footprint of a real model from its config (no weights)",
                        description="Plan MODEL under SPEC from a synthetic profile (real sizes, seeded synthetic "
@@ -282,24 +291,56 @@ def _demo_image(spec: str | None):
 
 
 def cmd_eval(args) -> None:
-    from .evaluate import demo_quality, perplexity
+    from . import evaluate
 
     loaded = _open_any(args.model)
+    is_demo = loaded.config["model_type"] == "mopeq_demo_vlm"
+    if args.task in ("demo", "vqa") and not is_demo:
+        raise InputError(f"--task {args.task}: only for the demo VLM or its artifacts (other VLMs run text-only)")
     if args.task == "demo":
-        if loaded.config["model_type"] != "mopeq_demo_vlm":
-            raise InputError("--task demo: only for the demo model or its artifacts")
-        result = demo_quality(loaded, progress=True)
+        result = evaluate.demo_quality(loaded, progress=True)
+    elif args.task == "vqa":
+        if args.data is None:
+            raise InputError("--data: required for --task vqa (a JSONL file)")
+        result = evaluate.vqa_file(loaded, args.data, progress=True)
+    elif args.task == "perplexity":
+        result = {"perplexity": evaluate.perplexity(loaded.adapter, _eval_windows(args, loaded, is_demo),
+                                                    progress=True)}
     else:
-        if args.text is None:
-            raise InputError("--text: required for --task perplexity")
-        from .profiler.calibration import text_file_batches
-
-        import torch
-
-        windows = torch.cat([b["input_ids"] for b in text_file_batches(args.text, _tokenizer(loaded.directory))])
-        result = {"perplexity": perplexity(loaded.adapter, windows, progress=True)}
+        if args.reference is None:
+            raise InputError("--reference: required for --task fidelity (the unquantized model directory or 'demo')")
+        reference = _open_any(args.reference)
+        if reference.config_hash != loaded.config_hash:
+            raise InputError(f"--reference: {args.reference} is another model than {args.model}")
+        result = evaluate.fidelity(loaded, reference, _eval_windows(args, loaded, is_demo), progress=True)
     print(json.dumps(result) if args.json else "  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
                                                            for k, v in result.items()))
+
+
+def _eval_windows(args, loaded, is_demo: bool):
+    """Token windows from --text, or the demo's held-out text."""
+    import torch
+
+    from .profiler.calibration import text_file_batches
+
+    if args.text is None:
+        if is_demo:
+            from .demo.data import text_windows
+
+            return text_windows("test")
+        raise InputError(f"--text: required for --task {args.task}")
+    if is_demo:
+        from .demo.data import WINDOW
+        from .demo.model import BOS_ID
+        from .profiler.calibration import read_texts
+
+        data = "\n".join(read_texts(args.text)).encode()
+        n = len(data) // WINDOW
+        if n == 0:
+            raise InputError(f"{args.text}: shorter than one {WINDOW}-byte window")
+        rows = torch.tensor(list(data[: n * WINDOW])).view(n, WINDOW)
+        return torch.cat([torch.full((n, 1), BOS_ID), rows], 1)
+    return torch.cat([b["input_ids"] for b in text_file_batches(args.text, _tokenizer(loaded.directory))])
 
 
 def cmd_pareto(args) -> None:
@@ -309,7 +350,11 @@ def cmd_pareto(args) -> None:
     if not scopes or any(x not in ("global", "layer") for x in scopes):
         raise InputError(f"--scopes: got {args.scopes!r}, expected global and/or layer")
     methods = None if args.methods is None else [x.strip() for x in args.methods.split(",") if x.strip()]
-    result = run_pareto(args.spec, args.output, methods, scopes)
+    for name in ("eval_windows", "eval_questions"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise InputError(f"--{name.replace('_', '-')}: expected a positive integer")
+    result = run_pareto(args.spec, args.output, methods, scopes, text_windows=args.eval_windows,
+                        questions=args.eval_questions)
     print(f"wrote {args.output}/points.csv, points.json, pareto.png, report.md ({len(result['points'])} points)")
 
 

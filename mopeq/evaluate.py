@@ -42,3 +42,80 @@ def demo_quality(loaded, progress: bool = False, text_windows: int | None = None
     ppl = perplexity(loaded.adapter, windows("test", limit=text_windows), progress)
     correct = demo_answers(loaded.model, vqa_set("test"), progress=progress)
     return {"perplexity": ppl, "accuracy": sum(correct) / len(correct), "questions": len(correct)}
+
+
+@torch.no_grad()
+def fidelity(candidate, reference, windows: torch.Tensor, batch: int = 16, progress: bool = False) -> dict:
+    """Logit fidelity of ``candidate`` to ``reference`` on token windows ``[N, T]``:
+    mean KL(reference || candidate) per token (nats) and top-1 agreement."""
+    kl_sum, agree, tokens = 0.0, 0, 0
+    for chunk in tqdm(windows.split(batch), desc="fidelity", unit="batch", disable=not progress):
+        ref = F.log_softmax(reference.adapter.forward({"input_ids": chunk}).float(), -1)
+        cand = F.log_softmax(candidate.adapter.forward({"input_ids": chunk}).float(), -1)
+        kl_sum += float((ref.exp() * (ref - cand)).sum(-1).sum())
+        agree += int((ref.argmax(-1) == cand.argmax(-1)).sum())
+        tokens += chunk.numel()
+    return {"kl": kl_sum / tokens, "top1_agreement": agree / tokens, "tokens": tokens}
+
+
+def read_vqa_jsonl(path) -> list[tuple[str, dict]]:
+    """Records ``{"image", "question", "answer"}`` (exact match) or with ``"choices"`` (multiple choice),
+    images relative to the file's folder; the shape VLMEvalKit / lmms-eval data convert to."""
+    import json
+    from pathlib import Path
+
+    from .schemas import InputError
+
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: VQA file not found")
+    records = []
+    for lineno, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        where = f"{path}:{lineno}"
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise InputError(f"{where}: not valid JSON ({exc.msg})") from None
+        if not isinstance(rec, dict) or not all(isinstance(rec.get(k), str) for k in ("image", "question", "answer")):
+            raise InputError(f"{where}: expected string fields 'image', 'question', 'answer'")
+        choices = rec.get("choices")
+        if choices is not None and (not isinstance(choices, list) or not all(isinstance(c, str) for c in choices)
+                                    or rec["answer"] not in choices):
+            raise InputError(f"{where}: 'choices' must be a list of strings containing the answer")
+        records.append((where, rec))
+    if not records:
+        raise InputError(f"{path}: no records")
+    return records
+
+
+@torch.no_grad()
+def vqa_file(loaded, path, progress: bool = False) -> dict:
+    """Accuracy of the demo VLM on a VQA JSONL file: greedy exact match, or the most likely choice."""
+    from pathlib import Path
+
+    from .demo.model import greedy_matches
+    from .profiler.calibration import load_image
+
+    records = read_vqa_jsonl(path)
+    folder = Path(path).parent
+    correct = []
+    for where, rec in tqdm(records, desc="vqa", unit="question", disable=not progress):
+        image = load_image(folder / rec["image"], where)[None]
+        if rec.get("choices"):
+            scores = [choice_logprob(loaded.model, image, rec["question"], c) for c in rec["choices"]]
+            correct.append(rec["choices"][max(range(len(scores)), key=scores.__getitem__)] == rec["answer"])
+        else:
+            correct.append(greedy_matches(loaded.model, image, [rec["question"]], [rec["answer"]])[0])
+    return {"accuracy": sum(correct) / len(correct), "questions": len(correct)}
+
+
+def choice_logprob(model, image: torch.Tensor, question: str, choice: str) -> float:
+    """Total log-probability of ``choice`` followed by a newline as the answer."""
+    from .demo.model import encode, vqa_prompt
+
+    prompt, answer = vqa_prompt(model.config, question), encode(choice + "\n")
+    ids = torch.tensor([prompt + answer])
+    logp = F.log_softmax(model(ids, image).logits[0, len(prompt) - 1 : -1].float(), -1)
+    return float(logp.gather(-1, torch.tensor(answer)[:, None]).sum())

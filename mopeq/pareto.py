@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from .schemas import InputError
 
-DEFAULT_METHODS = ("hessian", "fisher", "gauss-newton", "hessian-local", "frequency")
+DEFAULT_METHODS = ("hessian", "fisher", "gauss-newton", "hessian-local", "ablation", "frequency")
 BOOTSTRAP = 2000
 
 
@@ -49,12 +49,16 @@ class Measured:
 class DemoJudge:
     """Held-out measurements of a model, with the unquantized model's log-probs kept for the KL."""
 
-    def __init__(self, text_windows: int | None = None, batch: int = 32):
-        from .demo.data import text_windows as windows, vqa_set
+    def __init__(self, text_windows: int | None = None, batch: int = 32, questions: int | None = None):
+        from .demo.data import VQASet, text_windows as windows, vqa_set
         from .models import open_model
 
         self.windows = windows("test", limit=text_windows)
         self.vqa = vqa_set("test")
+        if questions is not None and questions < len(self.vqa.questions):  # an evenly strided subset
+            pick = np.linspace(0, len(self.vqa.questions) - 1, questions).round().astype(int).tolist()
+            self.vqa = VQASet(self.vqa.images[pick], [self.vqa.questions[i] for i in pick],
+                              [self.vqa.answers[i] for i in pick])
         self.batch = batch
         reference = open_model("demo")
         self.reference_logp = None
@@ -183,7 +187,7 @@ def sweep_points(spec, profile, out: Path, methods, scopes, budgets, judge: Demo
 
 
 def run_pareto(spec_path: Path, out: Path, methods=None, scopes=("global", "layer"), progress: bool = True,
-               text_windows: int | None = None) -> dict:
+               text_windows: int | None = None, questions: int | None = None) -> dict:
     """The whole sweep on the demo model; writes CSV, JSON, PNG and a Markdown report into ``out``."""
     from .planner import load_spec
     from .schemas import read_profile
@@ -201,7 +205,7 @@ def run_pareto(spec_path: Path, out: Path, methods=None, scopes=("global", "laye
         _profile_demo(spec, profile_path, methods, progress)
     profile = read_profile(profile_path)
     methods = [m for m in methods if m in ("frequency", "uniform", "ablation") or m in profile.experts[0].sensitivity]
-    judge = DemoJudge(text_windows)
+    judge = DemoJudge(text_windows, questions=questions)
     results = sweep_points(spec, profile, out, methods, list(scopes), budgets, judge, progress)
     return write_outputs(out, results, judge)
 
@@ -251,7 +255,8 @@ def compare(results) -> list[dict]:
     for (method, scope, budget), m in sorted(by.items()):
         if method in ("uniform", "frequency"):
             continue
-        baselines = {"frequency": by.get(("frequency", scope, budget)), "uniform": by.get(("uniform", "global", budget))}
+        baselines = {"frequency": by.get(("frequency", scope, budget)), "uniform": by.get(("uniform", "global", budget)),
+                     "uniform 3-bit": by.get(("uniform", "global", 3.0)) if budget < 3.0 else None}
         for name, base in baselines.items():
             if base is None:
                 continue
@@ -260,6 +265,16 @@ def compare(results) -> list[dict]:
             out.append({"method": method, "scope": scope, "budget_avg_bits": budget, "versus": name,
                         "perplexity_diff": d, "perplexity_ci": [lo, hi], "accuracy_diff": a, "accuracy_ci": [alo, ahi]})
     return out
+
+
+def best_method(rows, scope: str = "global") -> tuple[str, float] | None:
+    """The curvature-based method with the lowest mean perplexity over the sweep's budgets."""
+    means = {}
+    for method in {r["method"] for r in rows} - {"uniform", "frequency", "ablation"}:
+        pts = [r["perplexity"] for r in rows if r["method"] == method and r["scope"] == scope]
+        if pts:
+            means[method] = sum(pts) / len(pts)
+    return min(means.items(), key=lambda kv: kv[1]) if means else None
 
 
 def gap_recovered(rows, method: str, scope: str, budget: float) -> float | None:
@@ -278,11 +293,14 @@ def plot(rows, reference: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    methods = sorted({r["method"] for r in rows})
+    color = {m: plt.get_cmap("tab10")(i % 10) for i, m in enumerate(methods)}  # one colour per method
     for (method, scope) in sorted({(r["method"], r["scope"]) for r in rows}):
         pts = sorted((r for r in rows if (r["method"], r["scope"]) == (method, scope)), key=lambda r: r["bytes"])
         style = "s--" if method == "uniform" else ("o-" if scope == "global" else "^:")
         for ax, key in zip(axes, ("perplexity", "accuracy")):
-            ax.plot([p["avg_code_bits"] for p in pts], [p[key] for p in pts], style, label=f"{method} ({scope})")
+            ax.plot([p["avg_code_bits"] for p in pts], [p[key] for p in pts], style, color=color[method],
+                    label=f"{method} ({scope})")
     for ax, key, label in zip(axes, ("perplexity", "accuracy"), ("held-out perplexity (per byte)", "question accuracy")):
         ax.axhline(reference[key], color="k", lw=1, label="unquantized")
         ax.set_xlabel("average expert bits (codes)")
@@ -305,6 +323,13 @@ def report(rows, reference: dict, comparisons) -> str:
         lines.append(f"| {r['method']} | {r['scope']} | {r['budget_avg_bits']:.2f} | {r['avg_code_bits']:.3f} | "
                      f"{r['perplexity']:.4f} | {100 * r['accuracy']:.2f} % | {r['kl']:.4f} | "
                      f"{'' if g is None else f'{100 * g:.0f} %'} |")
+    best = best_method(rows)
+    if best is not None:
+        budgets = sorted({r["budget_avg_bits"] for r in rows if r["method"] == best[0]})
+        recovered = {b: gap_recovered(rows, best[0], "global", b) for b in budgets}
+        lines += ["", f"Best curvature source (global scope, lowest mean perplexity over the sweep): **{best[0]}**; "
+                  "share of the uniform 2-bit -> 3-bit perplexity gap it recovers: "
+                  + ", ".join(f"{100 * g:.0f} % at {b:.2f} bits" for b, g in recovered.items() if g is not None) + "."]
     lines += ["", "Paired bootstrap (95 %) of perplexity differences (negative = better than the baseline):", "",
               "| method | scope | budget | vs. | Δ perplexity | interval | Δ accuracy | interval |", "|---|---|---|---|---|---|---|---|"]
     for c in comparisons:

@@ -30,16 +30,7 @@ class PackedMatrix:
     shape: tuple[int, int]
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        n, k = self.shape
-        codes = unpack_int32(self.packed, self.bits, k).to(dtype)
-        g = self.scale.shape[1]
-        pad = g * self.group_size - k
-        if pad:
-            codes = torch.nn.functional.pad(codes, (0, pad))
-        codes = codes.view(n, g, self.group_size)
-        zero = self.zero.to(dtype) if self.zero is not None else torch.tensor(2.0 ** (self.bits - 1), dtype=dtype)
-        w = (codes - zero.unsqueeze(-1) if self.zero is not None else codes - zero) * self.scale.to(dtype).unsqueeze(-1)
-        return w.view(n, -1)[:, :k]
+        return dequantize_packed(self.packed, self.scale, self.zero, self.bits, self.group_size, self.shape[1], dtype)
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.packed, self.scale, self.zero) if t is not None)
@@ -47,6 +38,33 @@ class PackedMatrix:
     def to(self, device) -> "PackedMatrix":
         move = lambda t: None if t is None else t.to(device)  # noqa: E731
         return PackedMatrix(move(self.packed), move(self.scale), move(self.zero), self.bits, self.group_size, self.shape)
+
+
+def dequantize_packed(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, bits: int,
+                      group_size: int, k: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``(codes - zero) * scale`` for packed ``[..., N, W]``, scales/zeros ``[..., N, G]`` -> ``[..., N, K]``."""
+    codes = unpack_int32(packed, bits, k).to(dtype)
+    g = scale.shape[-1]
+    if g * group_size != k:
+        codes = torch.nn.functional.pad(codes, (0, g * group_size - k))
+    codes = codes.unflatten(-1, (g, group_size))
+    offset = zero.to(dtype).unsqueeze(-1) if zero is not None else 2.0 ** (bits - 1)
+    return ((codes - offset) * scale.to(dtype).unsqueeze(-1)).flatten(-2)[..., :k]
+
+
+def dequantize_many(mats: list[PackedMatrix], dtype: torch.dtype) -> list[torch.Tensor]:
+    """Dequantize many matrices with a few tensor ops per bucket of equal (bits, shape, group, zero-ness)."""
+    out: list[torch.Tensor | None] = [None] * len(mats)
+    buckets: dict[tuple, list[int]] = {}
+    for i, m in enumerate(mats):
+        buckets.setdefault((m.bits, m.shape, m.group_size, m.zero is None), []).append(i)
+    for (bits, shape, group_size, symmetric), idx in buckets.items():
+        stack = lambda field: torch.stack([getattr(mats[i], field) for i in idx])  # noqa: E731
+        dense = dequantize_packed(stack("packed"), stack("scale"), None if symmetric else stack("zero"),
+                                  bits, group_size, shape[1], dtype)
+        for i, w in zip(idx, dense):
+            out[i] = w
+    return out
 
 
 class QuantizedExperts(nn.Module):
@@ -93,7 +111,7 @@ class QuantizedExperts(nn.Module):
 
 def moe_forward_torch(experts: QuantizedExperts, hidden: torch.Tensor, top_k_index: torch.Tensor,
                       top_k_weights: torch.Tensor) -> torch.Tensor:
-    """Reference/CPU path: tokens grouped by expert, each expert dequantized once per call.
+    """Reference/CPU path: tokens grouped by expert; the experts hit are dequantized together, by bucket.
 
     hidden ``[T, H]``, top_k_index ``[T, k]`` (int), top_k_weights ``[T, k]`` -> ``[T, H]``.
     """
@@ -103,15 +121,17 @@ def moe_forward_torch(experts: QuantizedExperts, hidden: torch.Tensor, top_k_ind
     counts = torch.bincount(flat, minlength=experts.num_experts).tolist()
     token_of = order // top_k_index.shape[1]
     weight_of = top_k_weights.reshape(-1)[order]
-    start = 0
-    for j, count in enumerate(counts):
-        if count == 0 or j >= experts.num_experts:
-            start += count
-            continue
-        tokens = token_of[start : start + count]
-        y = experts.expert_forward(j, hidden[tokens]) * weight_of[start : start + count, None].to(hidden.dtype)
-        out.index_add_(0, tokens, y)
-        start += count
+    hit = [j for j in range(experts.num_experts) if counts[j]]
+    dense = dequantize_many([experts.experts[j][m] for j in hit for m in ("gate", "up", "down")], hidden.dtype)
+    starts = [0]
+    for c in counts:
+        starts.append(starts[-1] + c)
+    for n, j in enumerate(hit):
+        gate, up, down = dense[3 * n : 3 * n + 3]
+        sel = slice(starts[j], starts[j + 1])
+        x = hidden[token_of[sel]]
+        y = (experts.act_fn(x @ gate.t()) * (x @ up.t())) @ down.t()
+        out.index_add_(0, token_of[sel], y * weight_of[sel, None].to(hidden.dtype))
     return out
 
 

@@ -19,6 +19,7 @@ from .base import ExpertRef, MoEAdapter
 from .deepseek import DeepseekAdapter, DemoAdapter
 from .deepseek_vl2 import DeepseekVL2Adapter
 from .mixtral import MixtralAdapter
+from .molmoe import MolmoeAdapter
 from .olmoe import OlmoeAdapter
 from .qwen_moe import Qwen2MoeAdapter, Qwen3MoeAdapter, Qwen3VLMoeAdapter
 
@@ -36,6 +37,7 @@ ADAPTERS: dict[str, type[MoEAdapter]] = {
     "qwen3_moe": Qwen3MoeAdapter,
     "qwen3_vl_moe": Qwen3VLMoeAdapter,
     "olmoe": OlmoeAdapter,
+    "molmo": MolmoeAdapter,  # MolmoE-1B (OLMoE LM); dense Molmo checkpoints are refused by its config check
 }
 
 

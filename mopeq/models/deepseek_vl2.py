@@ -1,23 +1,56 @@
-"""DeepSeek-VL2 (tiny / small / base): a DeepSeek-V2 MoE language model behind a SigLIP encoder.
+"""DeepSeek-VL2 (tiny / small / base): a DeepSeek-V2-style MoE language model behind a SigLIP encoder.
 
-What the public checkpoints hold (from the public ``modeling_deepseek_vl_v2.py``/``config.json`` as
-best known here, without network access; verify against a real download):
+Checked against the public source (code-search index; no checkpoint download). "VL2" below is
+deepseek-ai/DeepSeek-VL2; ``modeling_deepseek_vl_v2.py`` is not in its indexed files and was read from
+the copy in FyrbyAdditive/DeepSeek-VL2 (same path; other forks hold it too).
 
-* ``config.json``: ``model_type: deepseek_vl_v2`` with ``language_config`` (a DeepSeek-V2 config:
-  ``hidden_size``, ``moe_intermediate_size``, ``n_routed_experts``, ``num_experts_per_tok``,
-  ``n_shared_experts``, ``first_k_dense_replace``, ``kv_lora_rank``, ``use_mla``, ``topk_method``, ...),
-  ``vision_config`` (SigLIP ViT built through timm) and ``projector_config`` (``downsample_mlp_gelu``).
-* safetensors, one tensor per expert: ``language.model.layers.{i}.mlp.experts.{j}.{gate,up,down}_proj.weight``,
-  shared experts ``language.model.layers.{i}.mlp.shared_experts.*``, router ``...mlp.gate.weight``;
-  ``vision.*``, ``projector.*``, ``image_newline``, ``view_seperator`` at the top level.
+1. config.json (FyrbyAdditive/DeepSeek-VL2, deepseek_vl2/models/modeling_deepseek_vl_v2.py:
+   ``DeepseekVLV2Config``): ``model_type: deepseek_vl_v2``; ``vision_config`` (``VisionEncoderConfig``:
+   model_name, image_size, patch_size, width, layers, heads, mlp_ratio, global_pool, ...),
+   ``projector_config`` (``MlpProjectorConfig``: projector_type, input_dim, n_embed, depth, mlp_ratio,
+   downsample_ratio, token_pooling), ``language_config`` (VL2's own ``DeepseekV2Config``), plus
+   ``tile_tag`` ("2D" gives ``image_newline``/``view_seperator``), ``global_view_pos``,
+   ``candidate_resolutions``. CONFIRMED.
+2. Tensor names (same file, ``DeepseekVLV2ForCausalLM.__init__``): modules ``vision``
+   (VisionTransformer), ``projector`` (``MlpProjector``, an ``nn.Sequential`` under ``layers``: Linear,
+   GELU, Linear for downsample_mlp_gelu depth 2 -> ``projector.layers.0/2.*``), parameters
+   ``image_newline``/``view_seperator`` (sic), ``language`` (VL2's ``DeepseekV2ForCausalLM``, so
+   ``language.model.layers.{i}.mlp.experts.{j}.{gate,up,down}_proj.weight`` (one ``nn.Linear`` per expert,
+   bias-free), ``...mlp.shared_experts.{gate,up,down}_proj.weight`` (one MLP of width
+   ``moe_intermediate_size * n_shared_experts``), ``...mlp.gate.weight`` ``[E, H]``,
+   ``...mlp.gate.e_score_correction_bias`` ``[E]`` only when ``topk_method == "noaux_tc"``, and
+   ``language.lm_head.weight``). CONFIRMED from the module tree (deepseek-ai/DeepSeek-VL2,
+   deepseek_vl2/models/modeling_deepseek.py: ``MoEGate``, ``DeepseekV2MoE``); not checked against a
+   real safetensors index.
+3. Language config and routing (deepseek-ai/DeepSeek-VL2, deepseek_vl2/models/configuration_deepseek.py and
+   modeling_deepseek.py ``MoEGate``): fields n_routed_experts, num_experts_per_tok, moe_intermediate_size,
+   n_shared_experts, first_k_dense_replace, moe_layer_freq, topk_method (greedy | group_limited_greedy |
+   noaux_tc), scoring_func (softmax | sigmoid), norm_topk_prob, routed_scaling_factor, n_group,
+   topk_group, use_mla, kv_lora_rank, q_lora_rank, qk_nope_head_dim, qk_rope_head_dim, v_head_dim.
+   Defaults differ from transformers' (q_lora_rank 1536, num_hidden_layers 30, n_group/topk_group None,
+   bos/eos 100000/100001): missing keys take VL2's defaults (``SOURCE_DEFAULTS``).
+   CONTRADICTED (old mapping): transformers' ``DeepseekV2TopkRouter`` always uses softmax and ignores
+   ``norm_topk_prob``/``scoring_func``; ``DeepseekV3TopkRouter`` always uses sigmoid + noaux_tc, fills
+   masked groups with -inf (VL2: 0.0) and normalises even for top_k == 1. So mopeq now builds the
+   language model as transformers' ``DeepseekV2ForCausalLM`` for every topk_method and replaces each
+   MoE block's ``mlp.gate`` with :class:`SourceMoEGate`, a re-derivation of VL2's ``MoEGate`` (see its
+   docstring); ``tests/models/test_deepseek_vl2.py`` checks it against a per-token reference.
+   Attention: ``use_mla: false`` uses transformers' ``LlamaAttention`` in VL2 (q/k/v/o_proj, bias =
+   ``attention_bias``, rotate-half RoPE over ``hidden_size // num_attention_heads``) = our
+   :class:`MultiHeadAttention`. MLA: VL2 de-interleaves the rope dims then applies rotate-half;
+   transformers' DeepseekV2 rotates interleaved pairs as complex numbers; q.k is identical.
+   Not mapped (InputError): ``moe_layer_freq != 1``, ``n_shared_experts: null``, no routed experts.
+   Not reproduced: VL2's training-time aux loss and expert parallelism (``ep_size``), irrelevant to
+   inference; VL2 runs the router in float32 like we do.
+4. Sizes: README (deepseek-ai/DeepSeek-VL2, README.md) gives 1.0B / 2.8B / 4.5B activated and
+   3.37B / 16.1B / 27.5B total for tiny / small / base. The per-field values of the shipped configs
+   (configs/deepseek-vl2*.json) were NOT found in any indexed source: unverified (see their notes).
 
-mopeq rebuilds the **language model** from transformers' ``DeepseekV2ForCausalLM`` (``DeepseekV3`` when
-``topk_method == "noaux_tc"``) under ``language.``, so profile/compile/run need no remote code. The
-vision encoder and projector are **not rebuilt** (timm is not a dependency): their tensors are kept
-as frozen parameters under their checkpoint names, never quantized, and copied through the compiler
-byte for byte. Running and calibration are text-only (``input_ids`` through the language model).
-``use_mla: false`` (the tiny model) replaces DeepSeek-V2's compressed-KV attention with plain
-multi-head attention (``q_proj``/``k_proj``/``v_proj``/``o_proj``, rotate-half RoPE over the head).
+mopeq rebuilds only the **language model** (under ``language.``), so profile/compile/run need no
+remote code. The vision encoder and projector are **not rebuilt** (timm is not a dependency): their
+tensors are kept as frozen parameters under their checkpoint names, never quantized, and copied
+through the compiler byte for byte. Running and calibration are text-only (``input_ids`` through the
+language model; VL2's ``prepare_inputs_embeds`` image splicing is not reproduced).
 """
 
 from __future__ import annotations
@@ -35,21 +68,103 @@ LANGUAGE = "language."
 # DeepSeek-VL2 config keys that transformers' DeepseekV2Config does not take (or that we set ourselves).
 DROP_KEYS = {"architectures", "model_type", "auto_map", "torch_dtype", "transformers_version", "_name_or_path",
              "use_mla", "lm_head", "rm_head", "ep_size", "aux_loss_alpha", "seq_aux", "moe_layer_freq"}
+# Defaults of the public ``DeepseekV2Config.__init__`` (deepseek-ai/DeepSeek-VL2,
+# deepseek_vl2/models/configuration_deepseek.py) where transformers' own defaults differ or matter for routing:
+# a key missing from ``language_config`` must mean what it means to the public code.
+SOURCE_DEFAULTS = {"num_hidden_layers": 30, "num_attention_heads": 32, "kv_lora_rank": 512, "q_lora_rank": 1536,
+                   "qk_rope_head_dim": 64, "v_head_dim": 128, "qk_nope_head_dim": 128, "topk_method": "greedy",
+                   "n_group": None, "topk_group": None, "first_k_dense_replace": 0, "norm_topk_prob": False,
+                   "scoring_func": "softmax", "routed_scaling_factor": 1.0, "moe_layer_freq": 1,
+                   "bos_token_id": 100000, "eos_token_id": 100001}
+TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
 
 
 def language_config(config: dict, where: Path):
-    """A transformers DeepseekV2/V3 config from ``config["language_config"]``."""
-    from transformers import DeepseekV2Config, DeepseekV3Config
+    """transformers' ``DeepseekV2Config`` from ``config["language_config"]`` (routing settings kept on it for
+    :class:`SourceMoEGate`, which replaces transformers' router; see the module docstring)."""
+    from transformers import DeepseekV2Config
 
     lang = config.get("language_config")
     if not isinstance(lang, dict):
         raise InputError(f"{where / 'config.json'}: deepseek_vl_v2 without a 'language_config' object")
+    where, lang = Path(where), {**SOURCE_DEFAULTS, **lang}
+    bad = _unsupported(lang)
+    if bad:
+        raise InputError(f"{where / 'config.json'}: language_config {bad}")
     clean = {k: v for k, v in lang.items() if k not in DROP_KEYS}
     if not lang.get("use_mla", True):  # plain MHA: one rope dim per head, MLA parts unused (kept tiny)
         head_dim = lang["hidden_size"] // lang["num_attention_heads"]
         clean.update(kv_lora_rank=1, q_lora_rank=None, qk_nope_head_dim=0, qk_rope_head_dim=head_dim, v_head_dim=head_dim)
-    cls = DeepseekV3Config if lang.get("topk_method") == "noaux_tc" else DeepseekV2Config
-    return cls(**clean)
+    return DeepseekV2Config(**clean)
+
+
+def _unsupported(lang: dict) -> str | None:
+    """Why the public model cannot be rebuilt from transformers' DeepseekV2 parts (None when it can)."""
+    if not lang.get("n_routed_experts") or not lang.get("num_experts_per_tok"):
+        return "has no routed experts (n_routed_experts/num_experts_per_tok unset): a dense model, not an MoE"
+    if lang.get("n_shared_experts") is None:
+        return "n_shared_experts is null (no shared experts); transformers' DeepseekV2 always builds them"
+    if lang["moe_layer_freq"] != 1:
+        return f"moe_layer_freq={lang['moe_layer_freq']}; only 1 (every layer after first_k_dense_replace) is supported"
+    if lang["topk_method"] not in TOPK_METHODS:
+        return f"topk_method={lang['topk_method']!r}; expected one of {TOPK_METHODS}"
+    if lang["scoring_func"] not in ("softmax", "sigmoid"):
+        return f"scoring_func={lang['scoring_func']!r}; expected softmax or sigmoid"
+    if lang["topk_method"] != "greedy":
+        n_group, topk_group = lang.get("n_group"), lang.get("topk_group")
+        if not n_group or not topk_group or lang["n_routed_experts"] % n_group:
+            return (f"topk_method={lang['topk_method']!r} needs n_group dividing n_routed_experts and topk_group "
+                    f"(got n_group={n_group}, topk_group={topk_group})")
+        if lang["topk_method"] == "noaux_tc" and lang["n_routed_experts"] // n_group < 2:
+            return "noaux_tc scores each group by its top-2 experts: needs >= 2 experts per group"
+    return None
+
+
+class SourceMoEGate(nn.Module):
+    """The router of the public ``MoEGate`` (deepseek-ai/DeepSeek-VL2, deepseek_vl2/models/modeling_deepseek.py),
+    with transformers' router interface: ``forward(h) -> (router_logits, topk_weights, topk_indices)``.
+
+    * scores: ``softmax`` or ``sigmoid`` of float32 logits (``scoring_func``);
+    * ``greedy``: top-k of the scores; ``group_limited_greedy``: keep the ``topk_group`` groups with the highest
+      per-group max score (others filled with 0.0), then top-k; ``noaux_tc``: choose on ``scores +
+      e_score_correction_bias``, groups ranked by the sum of their top-2 biased scores (others filled with
+      0.0), weights gathered from the *unbiased* scores;
+    * ``norm_topk_prob`` (only when top_k > 1): weights / (sum + 1e-20); then ``* routed_scaling_factor``
+      in every case.
+    """
+
+    def __init__(self, config):
+        super().__init__()
+        self.top_k = config.num_experts_per_tok
+        self.num_experts = config.n_routed_experts
+        self.scoring_func = getattr(config, "scoring_func", "softmax")
+        self.topk_method = config.topk_method
+        self.n_group, self.topk_group = config.n_group, config.topk_group
+        self.norm_topk_prob = bool(config.norm_topk_prob)
+        self.routed_scaling_factor = config.routed_scaling_factor
+        self.weight = nn.Parameter(torch.zeros(self.num_experts, config.hidden_size))
+        if self.topk_method == "noaux_tc":  # a checkpoint tensor of its own (``mlp.gate.e_score_correction_bias``)
+            self.e_score_correction_bias = nn.Parameter(torch.zeros(self.num_experts), requires_grad=False)
+
+    def forward(self, hidden_states):
+        hidden_states = hidden_states.reshape(-1, hidden_states.shape[-1])
+        logits = nn.functional.linear(hidden_states.float(), self.weight.float())
+        scores = logits.softmax(dim=-1) if self.scoring_func == "softmax" else logits.sigmoid()
+        if self.topk_method == "greedy":
+            weights, indices = torch.topk(scores, self.top_k, dim=-1, sorted=False)
+        else:
+            choice = scores + self.e_score_correction_bias.float() if self.topk_method == "noaux_tc" else scores
+            grouped = choice.view(-1, self.n_group, self.num_experts // self.n_group)
+            group_score = grouped.topk(2, dim=-1).values.sum(-1) if self.topk_method == "noaux_tc" \
+                else grouped.max(dim=-1).values
+            keep = torch.zeros_like(group_score).scatter_(1, group_score.topk(self.topk_group, dim=-1).indices, 1.0)
+            keep = keep.bool().unsqueeze(-1).expand_as(grouped).reshape(choice.shape)
+            weights, indices = torch.topk(choice.masked_fill(~keep, 0.0), self.top_k, dim=-1, sorted=False)
+            if self.topk_method == "noaux_tc":
+                weights = scores.gather(1, indices)
+        if self.top_k > 1 and self.norm_topk_prob:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        return logits, weights * self.routed_scaling_factor, indices
 
 
 class MultiHeadAttention(nn.Module):
@@ -104,9 +219,11 @@ class DeepseekVL2Text(nn.Module):
         from transformers import AutoModelForCausalLM
 
         self.language = AutoModelForCausalLM.from_config(lang_config, attn_implementation="eager")
-        if not use_mla:
-            for i, layer in enumerate(self.language.model.layers):
+        for i, layer in enumerate(self.language.model.layers):
+            if not use_mla:
                 layer.self_attn = MultiHeadAttention(lang_config, i)
+            if hasattr(layer.mlp, "gate"):  # transformers' router -> the public MoEGate's routing
+                layer.mlp.gate = SourceMoEGate(lang_config)
         attach_frozen(self, frozen)
         self.config = lang_config
 

@@ -168,3 +168,77 @@ def tiny_models(tmp_path_factory):
     dirs["deepseek_vl2"] = build_deepseek_vl2(root / "deepseek_vl2", use_mla=True)
     dirs["deepseek_vl2_tiny_mha"] = build_deepseek_vl2(root / "deepseek_vl2_tiny_mha", use_mla=False)
     return dirs
+
+
+# MolmoE (allenai/MolmoE-1B-0924): flattened OLMo ModelConfig keys; sizes tiny (d 32, 2 heads, 4 experts, I 16).
+MOLMOE_CONFIG = {"model_type": "molmo", "architectures": ["MolmoForCausalLM"], "d_model": 32, "n_heads": 2,
+                 "n_kv_heads": None, "n_layers": 2, "mlp_ratio": 1, "mlp_hidden_size": None, "block_type": "moe",
+                 "activation_type": "swiglu", "moe_num_experts": 4, "moe_top_k": 2, "moe_shared_expert": False,
+                 "moe_dropless": True, "moe_mlp_impl": "sparse", "vocab_size": 60, "embedding_size": VOCAB,
+                 "additional_vocab_size": 8, "weight_tying": False, "rope": True, "rope_theta": 10000.0,
+                 "layer_norm_type": "rms", "layer_norm_eps": 1e-5, "attention_layer_norm": True, "clip_qkv": None,
+                 "include_bias": False, "bias_for_layer_norm": False, "max_sequence_length": 512,
+                 "max_position_embeddings": 512, "use_position_ids": True,
+                 "vision_backbone": {"image_model_type": "openai", "image_emb_dim": 16, "image_num_layers": 1}}
+MOLMOE_FROZEN = {"model.vision_backbone.image_vit.patch_embedding.weight": (16, 48),
+                 "model.vision_backbone.image_vit.transformer.resblocks.0.attention.wq.weight": (16, 16),
+                 "model.vision_backbone.image_pooling_2d.wq.weight": (16, 16),
+                 "model.vision_backbone.image_projector.w1.weight": (16, 16),
+                 "model.vision_backbone.pad_embed": (2, 16)}
+
+
+def molmoe_weights(seed: int = 0) -> dict:
+    """Reference MolmoE LM weights in OLMo's own (megablocks) names, before any layout is chosen."""
+    gen = torch.Generator().manual_seed(seed)
+    c, e, inter = MOLMOE_CONFIG, MOLMOE_CONFIG["moe_num_experts"], MOLMOE_CONFIG["d_model"] // 2
+    d = c["d_model"]
+    r = lambda *s, scale=0.2: torch.randn(*s, generator=gen) * scale  # noqa: E731
+    w = {"model.transformer.wte.embedding": r(c["embedding_size"], d, scale=1.0),
+         "model.transformer.wte.new_embedding": r(c["additional_vocab_size"], d, scale=1.0),
+         "model.transformer.ln_f.weight": 1 + r(d, scale=0.1), "model.transformer.ff_out.weight": r(c["embedding_size"], d)}
+    for i in range(c["n_layers"]):
+        p = f"model.transformer.blocks.{i}."
+        w.update({p + "att_proj.weight": r(3 * d, d), p + "attn_out.weight": r(d, d),
+                  p + "attn_norm.weight": 1 + r(d, scale=0.1), p + "ff_norm.weight": 1 + r(d, scale=0.1),
+                  p + "q_norm.weight": 1 + r(d, scale=0.1), p + "k_norm.weight": 1 + r(d, scale=0.1),
+                  p + "ffn.router.layer.weight": r(e, d, scale=1.0),
+                  p + "ffn.experts.mlp.w1": r(e * inter, d), p + "ffn.experts.mlp.v1": r(e * inter, d),
+                  p + "ffn.experts.mlp.w2": r(e * inter, d)})
+    return w
+
+
+def hf_layout(w: dict) -> dict:
+    """The remote-code layout (``blocks.{i}.attn.*``, ``blocks.{i}.mlp.experts.{j}.*_proj.weight``, ``lm_head``)."""
+    out, e = {}, MOLMOE_CONFIG["moe_num_experts"]
+    for key, value in w.items():
+        if key == "model.transformer.ff_out.weight":
+            out["lm_head.weight"] = value
+        elif ".ffn.experts.mlp." in key:
+            prefix, name = key.split(".ffn.experts.mlp.")
+            for j, rows in enumerate(value.chunk(e)):
+                m = {"w1": "gate", "v1": "up", "w2": "down"}[name]
+                out[f"{prefix}.mlp.experts.{j}.{m}_proj.weight"] = rows.t() if name == "w2" else rows
+        elif key.endswith(".ffn.router.layer.weight"):
+            out[key.replace(".ffn.router.layer.", ".mlp.gate.")] = value
+        elif key.endswith(".ff_norm.weight"):
+            out[key.replace(".ff_norm.", ".mlp.ff_norm.")] = value
+        elif ".blocks." in key:
+            prefix, name = key.rsplit(".", 2)[0], ".".join(key.rsplit(".", 2)[1:])
+            out[f"{prefix}.attn.{name}"] = value
+        else:
+            out[key] = value
+    return out
+
+
+def build_molmoe(directory: Path, megablocks: bool = True, rope_impl: str | None = None) -> Path:
+    w = molmoe_weights()
+    state = w if megablocks else hf_layout(w)
+    gen = torch.Generator().manual_seed(2)
+    state.update({k: torch.randn(s, generator=gen) for k, s in MOLMOE_FROZEN.items()})
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in state.items()}, str(directory / "model.safetensors"),
+              metadata={"format": "pt"})
+    config = dict(MOLMOE_CONFIG) if rope_impl is None else dict(MOLMOE_CONFIG, rope_impl=rope_impl)
+    (directory / "config.json").write_text(json.dumps(config, indent=1))
+    save_tokenizer(directory)
+    return directory

@@ -5,7 +5,6 @@ uninterrupted run."""
 from __future__ import annotations
 
 import json
-import os
 import random
 import time
 from pathlib import Path
@@ -96,12 +95,11 @@ sweep: {avg_bits: [2.5, 2.75]}
 
 
 @pytest.mark.skipif(not DEMO_WEIGHTS.is_file(), reason="demo weights not trained yet (mopeq/demo/weights)")
-@pytest.mark.skipif(os.environ.get("MOPEQ_SLOW_TESTS") != "1", reason="~2.5 min (full held-out evaluation per "
-                    "point); run with MOPEQ_SLOW_TESTS=1")
 def test_pareto_killed_then_resumed(tmp_path):
     spec = tmp_path / "spec.yaml"
     spec.write_text(PARETO_SPEC)
-    args = ["pareto", spec, "--methods", "hessian-local", "--scopes", "global"]
+    args = ["pareto", spec, "--methods", "hessian-local", "--scopes", "global", "--eval-windows", "24",
+            "--eval-questions", "60"]
     reference = tmp_path / "reference"
     assert main(args + ["-o", reference]) == 0
     out = tmp_path / "out"

@@ -1,0 +1,96 @@
+"""The streaming compile path: header-first shard writer == ``save_file`` byte for byte, and the fused
+RTN + pack path == ``pack_int32(quantize(...).codes)`` bit for bit."""
+
+import os
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from mopeq.compiler.artifact import ST_DTYPES, ShardWriter, StreamingShardWriter, safetensors_header
+from mopeq.compiler.pack import pack_int32
+from mopeq.compiler.quantize import quantize, quantize_packed
+
+DTYPES = [torch.bfloat16, torch.float16, torch.float32, torch.float64, torch.int64, torch.int32, torch.int16,
+          torch.int8, torch.uint8, torch.bool, torch.float8_e4m3fn, torch.float8_e5m2]
+
+
+def mixed_tensors():
+    gen = torch.Generator().manual_seed(0)
+    out = {}
+    for i, dtype in enumerate(DTYPES * 2):
+        shape = [(i % 3) + 1, (7 * i) % 11 + 1] if i % 4 else [(5 * i) % 13 + 1]
+        t = torch.randn(shape, generator=gen) * 10
+        out[f"layers.{i % 5}.t{(13 * i) % 17}.{dtype}".replace("torch.", "")] = t.to(dtype)
+    out["scalar"] = torch.tensor(3.5, dtype=torch.bfloat16)
+    out["empty"] = torch.empty(0, 4, dtype=torch.float32)
+    return out
+
+
+def test_header_equals_save_file(tmp_path):
+    tensors = mixed_tensors()
+    save_file(tensors, str(tmp_path / "ref.safetensors"), metadata={"format": "pt"})
+    ref = (tmp_path / "ref.safetensors").read_bytes()
+    header, _ = safetensors_header([(n, ST_DTYPES[t.dtype], list(t.shape)) for n, t in tensors.items()],
+                                   {"format": "pt"})
+    assert ref[: len(header)] == header
+
+
+@pytest.mark.parametrize("max_bytes", [1, 64, 10**9])
+def test_streaming_writer_equals_shard_writer(tmp_path, max_bytes):
+    tensors = mixed_tensors()
+    (tmp_path / "old").mkdir()
+    (tmp_path / "new").mkdir()
+    old = ShardWriter(tmp_path / "old", max_bytes)
+    for name, t in tensors.items():
+        old.add(name, t)
+    old_map = old.finish()
+    new = StreamingShardWriter(tmp_path / "new", max_bytes,
+                               [(n, ST_DTYPES[t.dtype], list(t.shape)) for n, t in tensors.items()])
+    src = tmp_path / "src.bin"
+    for i, (name, t) in enumerate(tensors.items()):
+        if i % 2:  # half through copy(), as compile copies unquantized tensors
+            src.write_bytes(b"xyz" + t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+            fd = os.open(src, os.O_RDONLY)
+            new.copy(name, fd, 3)
+            os.close(fd)
+        else:
+            new.add(name, t)
+    new_map = new.finish()
+    assert new_map == old_map
+    for shard in set(old_map.values()):
+        assert (tmp_path / "new" / shard).read_bytes() == (tmp_path / "old" / shard).read_bytes()
+        with safe_open(str(tmp_path / "new" / shard), "pt") as f:
+            for name in f.keys():
+                assert torch.equal(f.get_tensor(name).reshape(-1).view(torch.uint8),
+                                   tensors[name].reshape(-1).view(torch.uint8))
+
+
+def test_streaming_writer_refuses_unplanned_and_missing(tmp_path):
+    w = StreamingShardWriter(tmp_path, 1 << 20, [("a", "F32", [2]), ("b", "I32", [3])])
+    with pytest.raises(RuntimeError, match="planned"):
+        w.add("a", torch.zeros(3))
+    with pytest.raises(RuntimeError, match="not in the planned layout"):
+        w.add("c", torch.zeros(2))
+    w.add("a", torch.zeros(2))
+    with pytest.raises(RuntimeError, match="never written"):
+        w.finish()
+    w.close()
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("symmetric,clip", [(True, False), (False, False), (False, True)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_quantize_packed_equals_quantize_then_pack(bits, symmetric, clip, dtype):
+    gen = torch.Generator().manual_seed(bits)
+    for n, k, group in [(37, 300, 128), (64, 256, 64), (5, 7, 128), (130, 1024, 128)]:
+        w = (torch.randn(n, k, generator=gen) * 0.02).to(dtype)
+        w[0, :6] = torch.tensor([0.5, -0.5, 1.5, 0.0, -0.0, 2.5]).to(dtype)  # exact ties after scaling
+        w[1] = 0
+        for block in (1 << 20, 700):
+            q = quantize(w, bits, group, symmetric, clip, torch.bfloat16)
+            packed, scale, zero = quantize_packed(w, bits, group, symmetric, clip, torch.bfloat16, block)
+            assert torch.equal(packed, pack_int32(q.codes, bits)), (n, k, block)
+            assert torch.equal(scale, q.scale)
+            assert (zero is None) == symmetric and (symmetric or torch.equal(zero, q.zero))

@@ -1,0 +1,133 @@
+"""MolmoE-1B: both public on-disk layouts, a direct reference forward, and the full mopeq chain."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mopeq.compiler.artifact import compile_artifact
+from mopeq.estimate import estimate
+from mopeq.models import open_model
+from mopeq.planner import load_spec, make_plan
+from mopeq.profiler.calibration import summary
+from mopeq.profiler.profile import profile_model
+from mopeq.runtime.load import load
+
+from conftest import MOLMOE_CONFIG, VOCAB, build_molmoe, molmoe_weights
+from test_families import SPEC, calibration, snr_db
+
+E, INTER, D = MOLMOE_CONFIG["moe_num_experts"], MOLMOE_CONFIG["d_model"] // 2, MOLMOE_CONFIG["d_model"]
+
+
+def rms(x, w, eps=1e-5):
+    return w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
+
+
+def rope(x, interleaved: bool, theta=10000.0):
+    """x [B, h, T, hd]; rotate-half (OLMo) or interleaved pairs (remote code's 'cockatoo')."""
+    hd, t = x.shape[-1], x.shape[-2]
+    freqs = torch.outer(torch.arange(t, dtype=torch.float), 1.0 / theta ** (torch.arange(0, hd, 2).float() / hd))
+    if interleaved:
+        pos = freqs.repeat_interleave(2, -1)
+        x2 = x.view(*x.shape[:-1], hd // 2, 2)
+        rot = torch.stack([-x2[..., 1], x2[..., 0]], -1).view_as(x)
+    else:
+        pos = torch.cat([freqs, freqs], -1)
+        a, b = x.chunk(2, -1)
+        rot = torch.cat([-b, a], -1)
+    return x * pos.cos() + rot * pos.sin()
+
+
+def reference_logits(w: dict, ids: torch.Tensor, interleaved: bool = False) -> torch.Tensor:
+    """MolmoE's LM forward written from the public source (olmo/model.py, modeling_molmoe.py), megablocks names."""
+    heads, hd = MOLMOE_CONFIG["n_heads"], D // MOLMOE_CONFIG["n_heads"]
+    x = F.embedding(ids, torch.cat([w["model.transformer.wte.embedding"], w["model.transformer.wte.new_embedding"]]))
+    b, t = ids.shape
+    for i in range(MOLMOE_CONFIG["n_layers"]):
+        p = f"model.transformer.blocks.{i}."
+        q, k, v = (rms(x, w[p + "attn_norm.weight"]) @ w[p + "att_proj.weight"].t()).split([D, D, D], -1)
+        q, k = rms(q, w[p + "q_norm.weight"]), rms(k, w[p + "k_norm.weight"])
+        q, k, v = (z.view(b, t, heads, hd).transpose(1, 2) for z in (q, k, v))
+        q, k = rope(q, interleaved), rope(k, interleaved)
+        att = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(b, t, D)
+        x = x + att @ w[p + "attn_out.weight"].t()
+        h = rms(x, w[p + "ff_norm.weight"]).reshape(-1, D)
+        probs = torch.softmax(h @ w[p + "ffn.router.layer.weight"].t(), -1)
+        top, idx = probs.topk(MOLMOE_CONFIG["moe_top_k"], -1)  # no renormalisation
+        out = torch.zeros_like(h)
+        for j in range(E):
+            rows = slice(j * INTER, (j + 1) * INTER)
+            y = F.silu(h @ w[p + "ffn.experts.mlp.w1"][rows].t()) * (h @ w[p + "ffn.experts.mlp.v1"][rows].t())
+            y = y @ w[p + "ffn.experts.mlp.w2"][rows]
+            out += y * (top * (idx == j)).sum(-1, keepdim=True)
+        x = x + out.view(b, t, D)
+    return rms(x, w["model.transformer.ln_f.weight"]) @ w["model.transformer.ff_out.weight"].t()
+
+
+@pytest.fixture(scope="module")
+def molmoe_dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("molmoe")
+    return {"megablocks": build_molmoe(root / "mb"), "hf": build_molmoe(root / "hf", megablocks=False, rope_impl="llama"),
+            "hf_cockatoo": build_molmoe(root / "hfc", megablocks=False)}
+
+
+@pytest.mark.parametrize("name,interleaved", [("megablocks", False), ("hf", False), ("hf_cockatoo", True)])
+def test_logits_match_reference(molmoe_dirs, name, interleaved):
+    loaded = open_model(molmoe_dirs[name])
+    ids = torch.randint(0, VOCAB + 8, (2, 12), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        ours = loaded.adapter.forward({"input_ids": ids})
+        ref = reference_logits(molmoe_weights(), ids, interleaved)
+    assert ours.shape[-1] == VOCAB + 8 and bool((ours[..., VOCAB:] == torch.finfo(ours.dtype).min).all())
+    torch.testing.assert_close(ours[..., :VOCAB], ref, rtol=1e-4, atol=1e-4)
+
+
+def test_expert_mapping_tensor_by_tensor(molmoe_dirs):
+    """Every expert matrix in memory, and every DiskTensor cut from the stacked w1/v1/w2, is the right rows."""
+    from safetensors.torch import load_file
+
+    loaded = open_model(molmoe_dirs["megablocks"])
+    disk = load_file(str(molmoe_dirs["megablocks"] / "model.safetensors"))
+    for ref in loaded.adapter.experts():
+        p, rows = f"model.transformer.blocks.{ref.layer}.ffn.experts.mlp.", slice(ref.expert * INTER, (ref.expert + 1) * INTER)
+        want = {"gate": disk[p + "w1"][rows], "up": disk[p + "v1"][rows], "down": disk[p + "w2"][rows].t()}
+        live = loaded.adapter.expert_weights(ref)
+        cut = {m: src.take(disk[src.key]) for m, src in loaded.adapter.disk_tensors(ref, set(disk)).items()}
+        for m in want:
+            assert torch.equal(live[m], want[m]) and torch.equal(cut[m], want[m]), (ref.id, m)
+
+
+@pytest.mark.parametrize("name", ["megablocks", "hf"])
+def test_chain(molmoe_dirs, name, tmp_path):
+    directory = molmoe_dirs[name]
+    loaded = open_model(directory)
+    batches = calibration()
+    profile = profile_model(loaded, batches, summary(batches, "random"), bits=(8,), group_size=32, progress=False)
+    assert profile.meta.family == "molmo" and profile.meta.top_k == 2
+    assert [e.id for e in profile.experts] == [f"L{i}.E{j}" for i in range(2) for j in range(E)]
+    assert all(e.shapes == {"gate": [INTER, D], "up": [INTER, D], "down": [D, INTER]} and not e.shared
+               for e in profile.experts)
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(SPEC)
+    artifact = compile_artifact(directory, make_plan(load_spec(spec), profile), tmp_path / "artifact", progress=False)
+    quantized = load(artifact)
+    ids = calibration(seed=1)[0]["input_ids"]
+    with torch.no_grad():
+        ref = loaded.adapter.forward({"input_ids": ids})[..., :VOCAB]
+        out = quantized.adapter.forward({"input_ids": ids})[..., :VOCAB]
+    assert snr_db(ref, out) >= 25
+    generated = quantized.model.generate(ids[:1], max_new_tokens=3, min_new_tokens=3, do_sample=False)
+    assert generated.shape == (1, 19)
+
+
+def test_estimate_molmoe_1b(tmp_path):
+    spec = tmp_path / "spec.yaml"
+    spec.write_text("version: 1\nbits: [2, 3, 4]\ngroup_size: 128\nbudget: {avg_bits: 3.0}\nscope: global\n"
+                    "sensitivity: hessian-local\n")
+    out = estimate("molmoe-1b", spec)
+    assert (out["moe_layers"], out["experts_per_layer"], out["top_k"]) == (16, 64, 8)
+    assert math.isclose(out["experts_bf16_gb"], 16 * 64 * 3 * 2048 * 1024 * 2 / 1e9)
