@@ -33,5 +33,5 @@ def test_greedy_matches_equals_generation():
     by_generation = [g.strip() == a for g, a in zip(generated, answers)]
     assert greedy_matches(loaded.model, images, questions, answers) == by_generation
     # Asking for what the model generated (when it ended its answer) must also match.
-    own = [g for g in generated]
-    assert all(greedy_matches(loaded.model, images, questions, own)[i] for i, g in enumerate(own) if g in answers)
+    own = greedy_matches(loaded.model, images, questions, generated)
+    assert all(ok for ok, g in zip(own, generated) if g in answers)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from mopeq.models import read_config, skeleton
-from compiler_helpers import make_plan  # noqa: F401
+from .compiler_helpers import make_plan  # noqa: F401
 
 
 @pytest.fixture(scope="session")

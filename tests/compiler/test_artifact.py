@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from compiler_helpers import make_plan
+from .compiler_helpers import make_plan
 from mopeq.cli import main
 from mopeq.compiler.artifact import compile_artifact, make_quantizer
 from mopeq.compiler.gptq import GramFile, gptq_quantize

@@ -17,8 +17,8 @@ from mopeq.profiler.calibration import summary
 from mopeq.profiler.profile import profile_model
 from mopeq.runtime.load import load
 
-from conftest import MOLMOE_CONFIG, VOCAB, build_molmoe, molmoe_weights
-from test_families import SPEC, calibration, snr_db
+from .conftest import MOLMOE_CONFIG, VOCAB, build_molmoe, molmoe_weights
+from .test_families import SPEC, calibration, snr_db
 
 E, INTER, D = MOLMOE_CONFIG["moe_num_experts"], MOLMOE_CONFIG["d_model"] // 2, MOLMOE_CONFIG["d_model"]
 

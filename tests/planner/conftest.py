@@ -2,7 +2,7 @@
 
 import pytest
 
-from planner_helpers import random_profile
+from .planner_helpers import random_profile
 
 
 @pytest.fixture

@@ -3,7 +3,7 @@ import itertools
 import numpy as np
 import pytest
 
-from planner_helpers import random_profile
+from .planner_helpers import random_profile
 from mopeq.planner import Spec, make_plan, sweep, write_pareto
 from mopeq.planner.plan import build_problem, row_budgets
 from mopeq.schemas import InputError

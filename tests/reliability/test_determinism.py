@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer
 
-from conftest import tiny_profile_args, tree_bytes
+from .conftest import tiny_profile_args, tree_bytes
 from mopeq.cli import main as cli_main
 from mopeq.profiler.calibration import summary, text_file_batches
 from mopeq.profiler.stream import profile_streamed

@@ -7,7 +7,7 @@ import json
 
 from transformers import AutoTokenizer
 
-from conftest import tiny_profile_args
+from .conftest import tiny_profile_args
 from mopeq.cli import main as cli_main
 from mopeq.models import open_model
 from mopeq.profiler.calibration import text_file_batches
