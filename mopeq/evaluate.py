@@ -58,47 +58,15 @@ def fidelity(candidate, reference, windows: torch.Tensor, batch: int = 16, progr
     return {"kl": kl_sum / tokens, "top1_agreement": agree / tokens, "tokens": tokens}
 
 
-def read_vqa_jsonl(path) -> list[tuple[str, dict]]:
-    """Records ``{"image", "question", "answer"}`` (exact match) or with ``"choices"`` (multiple choice),
-    images relative to the file's folder; the shape VLMEvalKit / lmms-eval data convert to."""
-    import json
-    from pathlib import Path
-
-    from .schemas import InputError
-
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"{path}: VQA file not found")
-    records = []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
-        if not line.strip():
-            continue
-        where = f"{path}:{lineno}"
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise InputError(f"{where}: not valid JSON ({exc.msg})") from None
-        if not isinstance(rec, dict) or not all(isinstance(rec.get(k), str) for k in ("image", "question", "answer")):
-            raise InputError(f"{where}: expected string fields 'image', 'question', 'answer'")
-        choices = rec.get("choices")
-        if choices is not None and (not isinstance(choices, list) or not all(isinstance(c, str) for c in choices)
-                                    or rec["answer"] not in choices):
-            raise InputError(f"{where}: 'choices' must be a list of strings containing the answer")
-        records.append((where, rec))
-    if not records:
-        raise InputError(f"{path}: no records")
-    return records
-
-
 @torch.no_grad()
 def vqa_file(loaded, path, progress: bool = False) -> dict:
     """Accuracy of the demo VLM on a VQA JSONL file: greedy exact match, or the most likely choice."""
     from pathlib import Path
 
     from .demo.model import greedy_matches
-    from .profiler.calibration import load_image
+    from .profiler.calibration import load_image, read_qa_jsonl
 
-    records = read_vqa_jsonl(path)
+    records = read_qa_jsonl(path)
     folder = Path(path).parent
     correct = []
     for where, rec in tqdm(records, desc="vqa", unit="question", disable=not progress):

@@ -123,20 +123,35 @@ def _image_records(folder: Path) -> list[tuple[str, dict]]:
     index = folder / IMAGE_INDEX
     if not index.is_file():
         raise InputError(f"{folder}: no {IMAGE_INDEX} (one JSON object per line with image, question, answer)")
+    return read_qa_jsonl(index)
+
+
+def read_qa_jsonl(path: Path) -> list[tuple[str, dict]]:
+    """``(file:line, record)`` for each ``{"image", "question", "answer"[, "choices"]}`` line of a JSONL file.
+
+    ``choices`` (multiple choice) must be a list of strings that contains the answer.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: file not found")
     out = []
-    for lineno, line in enumerate(index.read_text(encoding="utf-8").splitlines(), 1):
+    for lineno, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
         if not line.strip():
             continue
-        where = f"{index}:{lineno}"
+        where = f"{path}:{lineno}"
         try:
             record = json.loads(line)
         except json.JSONDecodeError as exc:
             raise InputError(f"{where}: not valid JSON ({exc.msg})") from None
         if not isinstance(record, dict) or not all(isinstance(record.get(k), str) for k in ("image", "question", "answer")):
             raise InputError(f"{where}: expected an object with string fields 'image', 'question', 'answer'")
+        choices = record.get("choices")
+        if choices is not None and (not isinstance(choices, list) or not all(isinstance(c, str) for c in choices)
+                                    or record["answer"] not in choices):
+            raise InputError(f"{where}: 'choices' must be a list of strings containing the answer")
         out.append((where, record))
     if not out:
-        raise InputError(f"{index}: no records")
+        raise InputError(f"{path}: no records")
     return out
 
 

@@ -195,3 +195,18 @@ class MoEAdapter:
             logits = logits[:, :-1]
         return torch.nn.functional.cross_entropy(
             logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=-100)
+
+
+class LanguageAdapter(MoEAdapter):
+    """Families whose runnable LM sits under ``model.language`` (VLM wrappers): text-only forward."""
+
+    disk_prefix = "language.model.layers"
+
+    def decoder_layers(self) -> nn.ModuleList:
+        return self.model.language.model.layers
+
+    def language_config(self):
+        return self.model.language.config
+
+    def forward(self, batch: dict) -> torch.Tensor:
+        return self.model(input_ids=batch["input_ids"], use_cache=False).logits

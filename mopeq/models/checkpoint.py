@@ -75,6 +75,16 @@ def fuse_experts(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
+class TextOnlyWrapper(nn.Module):
+    """A VLM rebuilt for text: ``self.language`` runs, the vision tensors ride along frozen."""
+
+    def forward(self, input_ids=None, **kwargs):
+        return self.language(input_ids=input_ids, **kwargs)
+
+    def generate(self, *args, **kwargs):
+        return self.language.generate(*args, **kwargs)
+
+
 def attach_frozen(root: nn.Module, tensors: dict[str, tuple[tuple[int, ...], torch.dtype]]) -> None:
     """Register ``name -> (shape, dtype)`` as frozen parameters under plain container modules."""
     for name, (shape, dtype) in sorted(tensors.items()):

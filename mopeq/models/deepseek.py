@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import MoEAdapter
+from .base import LanguageAdapter, MoEAdapter
 
 
 class DeepseekAdapter(MoEAdapter):
@@ -13,17 +13,10 @@ class DeepseekAdapter(MoEAdapter):
     family = "deepseek_v2"
 
 
-class DemoAdapter(MoEAdapter):
+class DemoAdapter(LanguageAdapter):
     """The demo VLM: a DeepseekV2 language model under ``language.``, fed images through ``vision``/``projector``."""
 
     family = "mopeq_demo_vlm"
-    disk_prefix = "language.model.layers"
-
-    def decoder_layers(self):
-        return self.model.language.model.layers
-
-    def language_config(self):
-        return self.model.language.config
 
     def forward(self, batch: dict) -> torch.Tensor:
         return self.model(batch["input_ids"], batch.get("images")).logits

@@ -61,8 +61,8 @@ import torch
 from torch import nn
 
 from ..schemas import InputError
-from .base import MoEAdapter
-from .checkpoint import attach_frozen, fuse_experts, header, load_into, read_state
+from .base import LanguageAdapter
+from .checkpoint import TextOnlyWrapper, attach_frozen, fuse_experts, header, load_into, read_state
 
 LANGUAGE = "language."
 # DeepSeek-VL2 config keys that transformers' DeepseekV2Config does not take (or that we set ourselves).
@@ -211,7 +211,7 @@ def rotate_half_rope(q: torch.Tensor, k: torch.Tensor, freqs_cis: torch.Tensor):
     return q * cos + rotate(q) * sin, k * cos + rotate(k) * sin
 
 
-class DeepseekVL2Text(nn.Module):
+class DeepseekVL2Text(TextOnlyWrapper):
     """``language`` (a runnable DeepSeek-V2 LM) plus frozen ``vision``/``projector`` tensors."""
 
     def __init__(self, lang_config, frozen: dict, use_mla: bool = True):
@@ -227,27 +227,11 @@ class DeepseekVL2Text(nn.Module):
         attach_frozen(self, frozen)
         self.config = lang_config
 
-    def forward(self, input_ids=None, **kwargs):
-        return self.language(input_ids=input_ids, **kwargs)
 
-    def generate(self, *args, **kwargs):
-        return self.language.generate(*args, **kwargs)
-
-
-class DeepseekVL2Adapter(MoEAdapter):
+class DeepseekVL2Adapter(LanguageAdapter):
     """DeepSeek-VL2: DeepSeek-V2 MoE blocks under ``language.model.layers``; text-only forward."""
 
     family = "deepseek_vl_v2"
-    disk_prefix = "language.model.layers"
-
-    def decoder_layers(self):
-        return self.model.language.model.layers
-
-    def language_config(self):
-        return self.model.language.config
-
-    def forward(self, batch: dict) -> torch.Tensor:
-        return self.model(input_ids=batch["input_ids"], use_cache=False).logits
 
     @classmethod
     def build_model(cls, config: dict, where) -> nn.Module:

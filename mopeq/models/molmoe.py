@@ -56,8 +56,8 @@ import torch
 from torch import nn
 
 from ..schemas import InputError
-from .base import DiskTensor, ExpertRef, MoEAdapter
-from .checkpoint import attach_frozen, header, load_into, read_state
+from .base import DiskTensor, ExpertRef, LanguageAdapter
+from .checkpoint import TextOnlyWrapper, attach_frozen, header, load_into, read_state
 from .layouts import megablocks
 
 ROOT = "model.transformer."
@@ -129,7 +129,7 @@ class MaskedHead(nn.Linear):
         return torch.cat([logits, fill], -1)
 
 
-class MolmoeText(nn.Module):
+class MolmoeText(TextOnlyWrapper):
     """``language`` (transformers' OLMoE LM) plus frozen ``model.vision_backbone.*`` tensors."""
 
     def __init__(self, lang_config, embed: int, extra: int, frozen: dict):
@@ -140,12 +140,6 @@ class MolmoeText(nn.Module):
         self.language.lm_head = MaskedHead(lang_config.hidden_size, embed, extra)
         attach_frozen(self, frozen)
         self.config = lang_config
-
-    def forward(self, input_ids=None, **kwargs):
-        return self.language(input_ids=input_ids, **kwargs)
-
-    def generate(self, *args, **kwargs):
-        return self.language.generate(*args, **kwargs)
 
 
 def layout(keys) -> str:
@@ -165,20 +159,11 @@ ATTN = {"att_proj.weight", "att_proj.bias", "attn_out.weight", "attn_out.bias", 
         "q_norm.weight", "k_norm.weight"}
 
 
-class MolmoeAdapter(MoEAdapter):
+class MolmoeAdapter(LanguageAdapter):
     """MolmoE: OLMoE blocks under ``language.model.layers``; text-only forward; no shared experts."""
 
     family = "molmo"
     shared_attr = None
-
-    def decoder_layers(self):
-        return self.model.language.model.layers
-
-    def language_config(self):
-        return self.model.language.config
-
-    def forward(self, batch: dict) -> torch.Tensor:
-        return self.model(input_ids=batch["input_ids"], use_cache=False).logits
 
     # --- disk ------------------------------------------------------------------------------------
     def layer_disk_prefix(self, layer: int) -> str:
