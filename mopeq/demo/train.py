@@ -39,6 +39,9 @@ class RouterLogits:
         ]
 
     def balance_loss(self, top_k: int) -> torch.Tensor:
+        """Switch-style ``E * sum_i f_i P_i`` summed over every router call since the last reset, divided
+        by the number of MoE layers: a step runs two forwards (text, questions), so balanced routing
+        reads 2.0. The shipped weights were trained with exactly this normalisation."""
         total = 0.0
         for logits in self.logits:
             probs = logits.softmax(-1)  # [T, E]
