@@ -187,6 +187,16 @@ def _take(job: Job, tensor: torch.Tensor) -> torch.Tensor:
     return w
 
 
+def rename_shards(directory: Path, shards: list[tuple[Path, list[str]]]) -> dict[str, str]:
+    """Rename finished shards to ``model-0000K-of-0000N.safetensors``; return tensor name -> file."""
+    weight_map = {}
+    for i, (path, names) in enumerate(shards):
+        final = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        path.rename(directory / final)
+        weight_map.update({n: final for n in names})
+    return weight_map
+
+
 class ShardWriter:
     """Accumulates tensors and flushes a shard whenever ``max_bytes`` is reached."""
 
@@ -214,12 +224,7 @@ class ShardWriter:
     def finish(self) -> dict[str, str]:
         """Rename shards to ``model-0000K-of-0000N.safetensors``; return the weight map."""
         self.flush()
-        weight_map = {}
-        for i, (path, names) in enumerate(self.shards):
-            final = f"model-{i + 1:05d}-of-{len(self.shards):05d}.safetensors"
-            path.rename(self.directory / final)
-            weight_map.update({n: final for n in names})
-        return weight_map
+        return rename_shards(self.directory, self.shards)
 
 
 # safetensors dtype names; ``save_file`` orders a file's tensors by this list (last first), then by name.
@@ -335,12 +340,7 @@ class StreamingShardWriter:
         """Rename shards to ``model-0000K-of-0000N.safetensors``; return the weight map."""
         if self.where:
             raise RuntimeError(f"compile: {len(self.where)} planned tensors never written, e.g. {next(iter(self.where))}")
-        weight_map = {}
-        for i, (path, names) in enumerate(self.shards):
-            final = f"model-{i + 1:05d}-of-{len(self.shards):05d}.safetensors"
-            path.rename(self.directory / final)
-            weight_map.update({n: final for n in names})
-        return weight_map
+        return rename_shards(self.directory, self.shards)
 
     def close(self) -> None:
         for fd in self.fds.values():

@@ -37,6 +37,13 @@ def num_groups(k: int, group_size: int) -> int:
     return -(-k // group_size)
 
 
+def _check_weight(w: torch.Tensor, bits: int) -> None:
+    if bits not in SUPPORTED_BITS:
+        raise ValueError(f"bits: got {bits}, expected one of {SUPPORTED_BITS}")
+    if w.dim() != 2:
+        raise ValueError(f"weight: got shape {tuple(w.shape)}, expected a 2-D [out, in] matrix")
+
+
 def _grouped(w: torch.Tensor, group_size: int) -> torch.Tensor:
     """[N, K] -> [N, G, group_size], padding the last group by repeating its last column."""
     n, k = w.shape
@@ -72,10 +79,7 @@ def quantize(w: torch.Tensor, bits: int, group_size: int, symmetric: bool = Fals
     its squared error. Scales are rounded to ``scale_dtype`` before the codes are chosen, so
     ``dequantize`` reproduces exactly what is stored. Example: ``quantize(w, 3, 128).codes.shape == w.shape``.
     """
-    if bits not in SUPPORTED_BITS:
-        raise ValueError(f"bits: got {bits}, expected one of {SUPPORTED_BITS}")
-    if w.dim() != 2:
-        raise ValueError(f"weight: got shape {tuple(w.shape)}, expected a 2-D [out, in] matrix")
+    _check_weight(w, bits)
     n, k = w.shape
     group_size = min(group_size, k)
     wg = _grouped(w.detach().float(), group_size)
@@ -112,10 +116,7 @@ def quantize_packed(w: torch.Tensor, bits: int, group_size: int, symmetric: bool
     (``tests/compiler/test_quantizers.py`` checks byte equality) while every fp32 temporary stays small
     and cache-resident; no ``[N, K]`` fp32 or uint8 code tensor is ever built.
     """
-    if bits not in SUPPORTED_BITS:
-        raise ValueError(f"bits: got {bits}, expected one of {SUPPORTED_BITS}")
-    if w.dim() != 2:
-        raise ValueError(f"weight: got shape {tuple(w.shape)}, expected a 2-D [out, in] matrix")
+    _check_weight(w, bits)
     n, k = w.shape
     gs = min(group_size, k)
     g = num_groups(k, gs)
