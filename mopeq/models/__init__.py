@@ -38,6 +38,7 @@ ADAPTERS: dict[str, type[MoEAdapter]] = {
     "qwen3_vl_moe": Qwen3VLMoeAdapter,
     "olmoe": OlmoeAdapter,
     "molmo": MolmoeAdapter,  # MolmoE-1B (OLMoE LM); dense Molmo checkpoints are refused by its config check
+    "molmoe": MolmoeAdapter,  # the published allenai/MolmoE-1B-0924 config.json (HF keys, MOLMoEForCausalLM)
 }
 
 

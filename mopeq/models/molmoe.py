@@ -26,6 +26,24 @@ What the public source says (read through the code index; no download of the rea
   rotate-half (OLMo's ``olmo/model.py``). Interleaved RoPE equals rotate-half RoPE after the same
   per-head permutation of q and k rows, so we permute ``att_proj``/``q_norm``/``k_norm`` at load.
 
+Two config.json dialects are read (``normalise`` maps the second onto the first):
+
+* **OLMo-style** (``model_type: molmo``, the flattened ``ModelConfig`` above).
+* **HF-style** (``model_type: molmoe``, ``architectures: [MOLMoEForCausalLM]``, ``auto_map.AutoConfig:
+  config_molmoe.MolmoeConfig``), the form of the published allenai/MolmoE-1B-0924 ``config.json``
+  (huggingface.co/allenai/MolmoE-1B-0924, commit ad41925d): ``hidden_size``, ``intermediate_size``
+  (the width of *one* expert: 1024 = OLMoE-1B-7B's expert width; 16 layers x 64 experts x 3 x 2048 x 1024
+  = 6.4B of the published 7.2B total, so it is not halved like OLMo's ``mlp_hidden_size``),
+  ``num_hidden_layers``, ``num_attention_heads``, ``num_key_value_heads``, ``vocab_size``, ``embedding_size``,
+  ``additional_vocab_size``, ``layer_norm_eps``, ``rope_theta``, ``qkv_bias``, ``weight_tying``,
+  ``tie_word_embeddings``, ``clip_qkv``, ``max_position_embeddings``. It carries **no expert-count keys**:
+  the remote-code ``MolmoeConfig.__init__`` defaults are ``num_experts=64``, ``num_experts_per_tok=8``,
+  ``norm_topk_prob=False``, ``rms_norm_eps=1e-5``, ``num_key_value_heads=None`` (= heads) (read in a
+  derivative copy of ``config_molmoe.py`` in the public code index, ``class MolmoeConfig(PretrainedConfig)``,
+  ``model_type = "molmoe"``; allenai's own copy was not reachable here). Those keys are honoured when present,
+  as are OLMo's ``moe_num_experts``/``moe_top_k``. ``additional_vocab_size`` falls back to the rows of
+  ``model.transformer.wte.new_embedding`` in the checkpoint, then 0.
+
 Two on-disk layouts are public, both under ``model.transformer.`` and both read here:
 
 * **megablocks / OLMo** (``olmo/model.py`` ``OLMoEBlock``; transformers'
@@ -70,8 +88,59 @@ def _get(config: dict, key: str, default=None):
     return default if value is None else value
 
 
+# HF-style (model_type "molmoe") defaults of the remote-code MolmoeConfig.__init__ (see the module docstring).
+HF_DEFAULT_EXPERTS, HF_DEFAULT_TOP_K = 64, 8
+
+
+def is_hf_style(config: dict) -> bool:
+    """The published checkpoint's dialect: no OLMo ``d_model``, and HF ``hidden_size`` or ``model_type: molmoe``.
+
+    ``normalise``'s output carries ``d_model``, so normalising twice is a no-op."""
+    return "d_model" not in config and ("hidden_size" in config or config.get("model_type") == "molmoe")
+
+
+def _first(config: dict, *keys, default=None):
+    for key in keys:
+        if config.get(key) is not None:
+            return config[key]
+    return default
+
+
+def normalise(config: dict, tensors: dict | None = None) -> dict:
+    """An HF-style MolmoE config.json -> the OLMo-style keys ``geometry`` reads; OLMo-style passes through.
+
+    ``tensors`` (name -> (shape, dtype), the checkpoint header) only fills ``additional_vocab_size`` when the
+    config leaves it out. Expert counts default to the remote ``MolmoeConfig`` defaults, 64 experts / top-8.
+    """
+    if not is_hf_style(config):
+        return config
+    out = {k: v for k, v in config.items() if k not in ("model_type",)}
+    out["model_type"] = "molmoe"
+    out["d_model"] = config.get("hidden_size")
+    out["n_heads"] = config.get("num_attention_heads")
+    out["n_kv_heads"] = config.get("num_key_value_heads")
+    out["n_layers"] = config.get("num_hidden_layers")
+    inter = config.get("intermediate_size")  # one expert's width; geometry halves mlp_hidden_size, so double it
+    if not isinstance(inter, int) or isinstance(inter, bool):
+        raise InputError(f"config.json: molmoe config needs intermediate_size (one expert's width), got {inter!r}")
+    out["mlp_hidden_size"] = 2 * inter
+    out["moe_num_experts"] = _first(config, "num_experts", "moe_num_experts", default=HF_DEFAULT_EXPERTS)
+    out["moe_top_k"] = _first(config, "num_experts_per_tok", "moe_top_k", default=HF_DEFAULT_TOP_K)
+    out["layer_norm_eps"] = _first(config, "layer_norm_eps", "rms_norm_eps", default=1e-5)
+    out["include_bias"] = bool(_first(config, "include_bias", default=False))
+    out["qkv_bias"] = bool(_first(config, "qkv_bias", "attention_bias", default=False))
+    out["weight_tying"] = bool(_first(config, "weight_tying", "tie_word_embeddings", default=False))
+    if config.get("norm_topk_prob"):
+        raise InputError("config.json: molmoe norm_topk_prob true is not supported (MolmoE-1B renormalises nothing)")
+    if config.get("additional_vocab_size") is None:
+        new = (tensors or {}).get(ROOT + "wte.new_embedding")
+        out["additional_vocab_size"] = int(new[0][0]) if new is not None else 0
+    return out
+
+
 def geometry(config: dict, where: Path | str = "config.json") -> dict:
-    """MolmoE's LM sizes from its OLMo-style config.json (see the module docstring for sources)."""
+    """MolmoE's LM sizes from its config.json, either dialect (see the module docstring for sources)."""
+    config = normalise(config)
     try:
         d, heads, layers = int(config["d_model"]), int(config["n_heads"]), int(config["n_layers"])
         experts, top_k = int(config["moe_num_experts"]), int(config["moe_top_k"])
@@ -96,6 +165,7 @@ def geometry(config: dict, where: Path | str = "config.json") -> dict:
 def olmoe_config(config: dict, where: Path | str = "config.json"):
     from transformers import OlmoeConfig
 
+    config = normalise(config)
     g = geometry(config, where)
     return OlmoeConfig(vocab_size=g["embed"] + g["extra"], hidden_size=g["d"], intermediate_size=g["inter"],
                        num_hidden_layers=g["layers"], num_attention_heads=g["heads"], num_key_value_heads=g["kv_heads"],
@@ -192,8 +262,11 @@ class MolmoeAdapter(LanguageAdapter):
     @classmethod
     def build_model(cls, config: dict, where) -> nn.Module:
         where = Path(where)
+        tensors = header(where) if where.is_dir() else {}
+        config = normalise(config, tensors)
         g = geometry(config, where / "config.json")
-        frozen = {k: v for k, v in header(where).items() if not k.startswith(LM_KEYS)} if where.is_dir() else {}
+        _check_experts(g, tensors, where / "config.json")
+        frozen = {k: v for k, v in tensors.items() if not k.startswith(LM_KEYS)}
         model = MolmoeText(olmoe_config(config, where / "config.json"), g["embed"], g["extra"], frozen)
         model.rope_impl = g["interleaved"]
         model.tied = g["tied"]
@@ -206,6 +279,15 @@ class MolmoeAdapter(LanguageAdapter):
         adapter = cls(model)
         state = adapter.memory_tensors(read_state(directory))
         return load_into(model, state, directory).to(dtype)
+
+
+def _check_experts(g: dict, tensors: dict, where: Path) -> None:
+    """The router rows on disk must equal the configured expert count (HF-style configs default it to 64)."""
+    for name in (f"{BLOCKS}.0.mlp.gate.weight", f"{BLOCKS}.0.ffn.router.layer.weight"):
+        if name in tensors and tensors[name][0][0] != g["experts"]:
+            raise InputError(f"{where}: {g['experts']} experts configured (HF-style MolmoE defaults to "
+                             f"{HF_DEFAULT_EXPERTS} when num_experts is absent) but {name} has "
+                             f"{tensors[name][0][0]} rows")
 
 
 def to_memory(tensors: dict[str, torch.Tensor], cfg, interleaved: bool) -> dict[str, torch.Tensor]:

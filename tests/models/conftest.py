@@ -180,6 +180,19 @@ MOLMOE_CONFIG = {"model_type": "molmo", "architectures": ["MolmoForCausalLM"], "
                  "include_bias": False, "bias_for_layer_norm": False, "max_sequence_length": 512,
                  "max_position_embeddings": 512, "use_position_ids": True,
                  "vision_backbone": {"image_model_type": "openai", "image_emb_dim": 16, "image_num_layers": 1}}
+# The same tiny model in the published allenai/MolmoE-1B-0924 config.json dialect (HF key names, model_type
+# "molmoe", MOLMoEForCausalLM, auto_map to the remote config_molmoe.MolmoeConfig). The real file has no
+# expert-count keys (64 / top-8 come from MolmoeConfig's defaults); this tiny one names num_experts /
+# num_experts_per_tok, the MolmoeConfig keyword names, because it has 4 experts / top-2.
+MOLMOE_HF_CONFIG = {"architectures": ["MOLMoEForCausalLM"],
+                    "auto_map": {"AutoConfig": "config_molmoe.MolmoeConfig",
+                                 "AutoModelForCausalLM": "modeling_molmoe.MOLMoEForCausalLM"},
+                    "model_type": "molmoe", "hidden_size": 32, "intermediate_size": 16, "num_hidden_layers": 2,
+                    "num_attention_heads": 2, "num_key_value_heads": 2, "vocab_size": VOCAB, "embedding_size": VOCAB,
+                    "additional_vocab_size": 8, "layer_norm_eps": 1e-5, "max_position_embeddings": 512,
+                    "qkv_bias": False, "rope_theta": 10000.0, "clip_qkv": None, "tie_word_embeddings": False,
+                    "weight_tying": False, "use_position_ids": True, "torch_dtype": "float32",
+                    "num_experts": 4, "num_experts_per_tok": 2}
 MOLMOE_FROZEN = {"model.vision_backbone.image_vit.patch_embedding.weight": (16, 48),
                  "model.vision_backbone.image_vit.transformer.resblocks.0.attention.wq.weight": (16, 16),
                  "model.vision_backbone.image_pooling_2d.wq.weight": (16, 16),
@@ -230,7 +243,9 @@ def hf_layout(w: dict) -> dict:
     return out
 
 
-def build_molmoe(directory: Path, megablocks: bool = True, rope_impl: str | None = None) -> Path:
+def build_molmoe(directory: Path, megablocks: bool = True, rope_impl: str | None = None,
+                 hf_config: bool = False) -> Path:
+    """A tiny MolmoE directory; ``hf_config`` writes the published (HF-key, ``molmoe``) config.json dialect."""
     w = molmoe_weights()
     state = w if megablocks else hf_layout(w)
     gen = torch.Generator().manual_seed(2)
@@ -238,7 +253,9 @@ def build_molmoe(directory: Path, megablocks: bool = True, rope_impl: str | None
     directory.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in state.items()}, str(directory / "model.safetensors"),
               metadata={"format": "pt"})
-    config = dict(MOLMOE_CONFIG) if rope_impl is None else dict(MOLMOE_CONFIG, rope_impl=rope_impl)
+    config = dict(MOLMOE_HF_CONFIG if hf_config else MOLMOE_CONFIG)
+    if rope_impl is not None:
+        config["rope_impl"] = rope_impl
     (directory / "config.json").write_text(json.dumps(config, indent=1))
     save_tokenizer(directory)
     return directory

@@ -17,7 +17,11 @@ from mopeq.profiler.calibration import summary
 from mopeq.profiler.profile import profile_model
 from mopeq.runtime.load import load
 
-from .conftest import MOLMOE_CONFIG, VOCAB, build_molmoe, molmoe_weights
+from mopeq.models import ADAPTERS, skeleton
+from mopeq.models.molmoe import MolmoeAdapter, geometry
+from mopeq.schemas import InputError
+
+from .conftest import MOLMOE_CONFIG, MOLMOE_HF_CONFIG, VOCAB, build_molmoe, molmoe_weights
 from .test_families import SPEC, calibration, snr_db
 
 E, INTER, D = MOLMOE_CONFIG["moe_num_experts"], MOLMOE_CONFIG["d_model"] // 2, MOLMOE_CONFIG["d_model"]
@@ -72,10 +76,12 @@ def reference_logits(w: dict, ids: torch.Tensor, interleaved: bool = False) -> t
 def molmoe_dirs(tmp_path_factory):
     root = tmp_path_factory.mktemp("molmoe")
     return {"megablocks": build_molmoe(root / "mb"), "hf": build_molmoe(root / "hf", megablocks=False, rope_impl="llama"),
-            "hf_cockatoo": build_molmoe(root / "hfc", megablocks=False)}
+            "hf_cockatoo": build_molmoe(root / "hfc", megablocks=False),
+            "published": build_molmoe(root / "pub", megablocks=False, hf_config=True)}
 
 
-@pytest.mark.parametrize("name,interleaved", [("megablocks", False), ("hf", False), ("hf_cockatoo", True)])
+@pytest.mark.parametrize("name,interleaved", [("megablocks", False), ("hf", False), ("hf_cockatoo", True),
+                                              ("published", True)])
 def test_logits_match_reference(molmoe_dirs, name, interleaved):
     loaded = open_model(molmoe_dirs[name])
     ids = torch.randint(0, VOCAB + 8, (2, 12), generator=torch.Generator().manual_seed(5))
@@ -101,7 +107,7 @@ def test_expert_mapping_tensor_by_tensor(molmoe_dirs):
             assert torch.equal(live[m], want[m]) and torch.equal(cut[m], want[m]), (ref.id, m)
 
 
-@pytest.mark.parametrize("name", ["megablocks", "hf"])
+@pytest.mark.parametrize("name", ["megablocks", "hf", "published"])
 def test_chain(molmoe_dirs, name, tmp_path):
     directory = molmoe_dirs[name]
     loaded = open_model(directory)
@@ -131,3 +137,36 @@ def test_estimate_molmoe_1b(tmp_path):
     out = estimate("molmoe-1b", spec)
     assert (out["moe_layers"], out["experts_per_layer"], out["top_k"]) == (16, 64, 8)
     assert math.isclose(out["experts_bf16_gb"], 16 * 64 * 3 * 2048 * 1024 * 2 / 1e9)
+
+
+# The published allenai/MolmoE-1B-0924 config.json's LM fields (huggingface.co/allenai/MolmoE-1B-0924, commit
+# ad41925d; embedding_size as of commit 7251f46). No expert-count keys; additional_vocab_size not confirmed.
+PUBLISHED_1B = {"architectures": ["MOLMoEForCausalLM"], "model_type": "molmoe",
+                "auto_map": {"AutoConfig": "config_molmoe.MolmoeConfig"}, "hidden_size": 2048,
+                "intermediate_size": 1024, "num_attention_heads": 16, "num_hidden_layers": 16,
+                "num_key_value_heads": 16, "vocab_size": 50304, "embedding_size": 50304, "layer_norm_eps": 1e-05,
+                "max_position_embeddings": 4096, "qkv_bias": False, "rope_theta": 10000.0, "clip_qkv": None,
+                "tie_word_embeddings": False, "weight_tying": False, "use_position_ids": True}
+
+
+def test_published_config_geometry(tmp_path):
+    """HF-style keys map onto the OLMoE LM; experts default to MolmoeConfig's 64 / top-8, width = intermediate_size."""
+    assert ADAPTERS["molmoe"] is MolmoeAdapter and ADAPTERS["molmo"] is MolmoeAdapter
+    g = geometry(PUBLISHED_1B)
+    assert (g["d"], g["heads"], g["kv_heads"], g["layers"]) == (2048, 16, 16, 16)
+    assert (g["experts"], g["top_k"], g["inter"], g["embed"], g["extra"], g["tied"]) == (64, 8, 1024, 50304, 0, False)
+    adapter = skeleton(dict(PUBLISHED_1B, additional_vocab_size=128), tmp_path)
+    cfg = adapter.model.language.config
+    assert (cfg.num_experts, cfg.num_experts_per_tok, cfg.intermediate_size, cfg.vocab_size) == (64, 8, 1024, 50432)
+    assert not cfg.norm_topk_prob and adapter.top_k() == 8
+
+
+def test_published_config_expert_count_checked(tmp_path):
+    """Without num_experts the 64-expert default must agree with the router rows on disk."""
+    directory = build_molmoe(tmp_path / "m", megablocks=False, hf_config=True)
+    config = {k: v for k, v in MOLMOE_HF_CONFIG.items() if k not in ("num_experts", "num_experts_per_tok")}
+    (directory / "config.json").write_text(json.dumps(config))
+    with pytest.raises(InputError, match="64 experts configured"):
+        open_model(directory)
+    with pytest.raises(InputError, match="intermediate_size"):
+        geometry({k: v for k, v in PUBLISHED_1B.items() if k != "intermediate_size"})
