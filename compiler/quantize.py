@@ -56,7 +56,8 @@ def _grouped(w: torch.Tensor, group_size: int) -> torch.Tensor:
 def _params(wg: torch.Tensor, bits: int, symmetric: bool, ratio: float):
     qmax = 2**bits - 1
     if symmetric:
-        absmax = wg.abs().amax(-1) * ratio
+        # max(amax, -amin) == abs().amax() exactly, and two plain reductions beat abs() + amax (and aminmax)
+        absmax = torch.maximum(wg.amax(-1), wg.amin(-1).neg()) * ratio
         scale = (absmax * 2 / qmax).clamp(min=1e-10)
         zero = torch.full_like(scale, 2 ** (bits - 1))
     else:
