@@ -64,6 +64,10 @@ def _first(cfg: dict, keys: tuple[str, ...], where: str) -> int:
 
 def moe_shape(config: dict, where: str = "config") -> MoEShape:
     """Expert geometry of a config (DeepSeek-VL2 ``language_config``, text_config or flat)."""
+    if config.get("model_type") == "molmoe":  # the published config has no expert keys: remote-code defaults
+        from .models.molmoe import HF_DEFAULT_EXPERTS, HF_DEFAULT_TOP_K
+
+        config = {"num_experts": HF_DEFAULT_EXPERTS, "num_experts_per_tok": HF_DEFAULT_TOP_K, **config}
     cfg = config.get("language_config") or config.get("text_config") or config
     layers, hidden = int(cfg["num_hidden_layers"]), int(cfg["hidden_size"])
     experts, top_k = _first(cfg, EXPERT_COUNT_KEYS, where), _first(cfg, TOP_K_KEYS, where)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -170,3 +171,13 @@ def test_published_config_expert_count_checked(tmp_path):
         open_model(directory)
     with pytest.raises(InputError, match="intermediate_size"):
         geometry({k: v for k, v in PUBLISHED_1B.items() if k != "intermediate_size"})
+
+
+def test_estimate_from_a_published_style_config(tmp_path):
+    """The published config.json has no expert keys; estimate uses the remote config's 64 / top-8."""
+    config = {k: v for k, v in MOLMOE_HF_CONFIG.items() if k not in ("num_experts", "num_experts_per_tok")}
+    config.update(hidden_size=2048, intermediate_size=1024, num_hidden_layers=16, num_attention_heads=16,
+                  num_key_value_heads=16, vocab_size=50304)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    result = estimate(str(tmp_path), Path(__file__).resolve().parents[2] / "specs" / "molmoe.yaml")
+    assert (result["moe_layers"], result["experts_per_layer"], result["top_k"]) == (16, 64, 8)
