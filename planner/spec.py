@@ -60,6 +60,13 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+def _exactly_one_budget_kind(model):
+    given = [k for k in ("bytes", "avg_bits", "fraction") if getattr(model, k) is not None]
+    if len(given) != 1:
+        raise ValueError(f"give exactly one of bytes, avg_bits, fraction (got {given or 'none'})")
+    return model
+
+
 class Budget(Strict):
     """Exactly one of: bytes of all experts, average expert bits, or a fraction of their bf16 size."""
 
@@ -74,10 +81,7 @@ class Budget(Strict):
 
     @model_validator(mode="after")
     def _exactly_one(self):
-        given = [k for k in ("bytes", "avg_bits", "fraction") if getattr(self, k) is not None]
-        if len(given) != 1:
-            raise ValueError(f"give exactly one of bytes, avg_bits, fraction (got {given or 'none'})")
-        return self
+        return _exactly_one_budget_kind(self)
 
     def describe(self) -> str:
         return next(f"{k} {getattr(self, k)}" for k in ("bytes", "avg_bits", "fraction") if getattr(self, k) is not None)
@@ -130,10 +134,7 @@ class Sweep(Strict):
 
     @model_validator(mode="after")
     def _exactly_one(self):
-        given = [k for k in ("bytes", "avg_bits", "fraction") if getattr(self, k) is not None]
-        if len(given) != 1:
-            raise ValueError(f"give exactly one of bytes, avg_bits, fraction (got {given or 'none'})")
-        return self
+        return _exactly_one_budget_kind(self)
 
     def budgets(self) -> list[Budget]:
         kind = next(k for k in ("bytes", "avg_bits", "fraction") if getattr(self, k) is not None)

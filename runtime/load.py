@@ -18,6 +18,7 @@ from safetensors import SafetensorError, safe_open
 from ..compiler.pack import SUPPORTED_BITS, packed_words
 from ..models import LoadedModel, read_config, skeleton
 from ..models.base import MATRICES, ExpertRef
+from ..models.checkpoint import check_state
 from ..safety import check_safetensors, inside, read_json_object
 from ..schemas import InputError, Plan, config_hash, sha256_file
 from .qlayer import PackedMatrix, QuantizedExperts, QuantizedLinear
@@ -181,15 +182,6 @@ def _swap_experts(adapter, tensors: dict, bits: dict, group_size: int) -> None:
 
 
 def _load_dense(model, tensors: dict, directory: Path) -> None:
-    state = model.state_dict()
-    unknown = [k for k in tensors if k not in state]
-    if unknown:
-        raise InputError(f"{directory}: tensor {unknown[0]} does not belong to this model")
-    missing = [k for k in state if k not in tensors]
-    if missing:
-        raise InputError(f"{directory}: tensor {missing[0]} missing from the artifact")
-    for key, value in tensors.items():
-        if tuple(value.shape) != tuple(state[key].shape):
-            raise InputError(f"{directory}: tensor {key} has shape {tuple(value.shape)}, "
-                             f"expected {tuple(state[key].shape)}")
+    state = model.state_dict()  # expert buffers are non-persistent: only the dense weights are expected
+    check_state(state, tensors, str(directory), "artifact")
     model.load_state_dict({k: v.to(state[k].dtype) for k, v in tensors.items()}, strict=False)

@@ -97,17 +97,23 @@ def attach_frozen(root: nn.Module, tensors: dict[str, tuple[tuple[int, ...], tor
         module.register_parameter(leaf, nn.Parameter(torch.empty(shape, dtype=dtype), requires_grad=False))
 
 
-def load_into(model: nn.Module, state: dict[str, torch.Tensor], directory: Path) -> nn.Module:
-    """Materialise ``model`` (possibly on meta) with ``state``; every parameter must be provided."""
-    expected = model.state_dict()
+def check_state(expected: dict[str, torch.Tensor], state: dict[str, torch.Tensor], where: str, source: str) -> None:
+    """Refuse ``state`` unless it has exactly ``expected``'s names and shapes (one line naming the tensor)."""
     missing = [k for k in expected if k not in state]
     unknown = [k for k in state if k not in expected]
     if missing or unknown:
-        what = f"tensor {missing[0]} missing" if missing else f"tensor {unknown[0]} not expected"
-        raise InputError(f"{directory}: {what} (checkpoint does not match its config.json)")
+        what = f"tensor {missing[0]} missing from the {source}" if missing else \
+            f"tensor {unknown[0]} does not belong to this model"
+        raise InputError(f"{where}: {what} ({source} does not match its config.json)")
     for key, value in state.items():
         if tuple(value.shape) != tuple(expected[key].shape):
-            raise InputError(f"{directory}: tensor {key} has shape {tuple(value.shape)}, "
+            raise InputError(f"{where}: tensor {key} has shape {tuple(value.shape)}, "
                              f"expected {tuple(expected[key].shape)} from config.json")
+
+
+def load_into(model: nn.Module, state: dict[str, torch.Tensor], directory: Path) -> nn.Module:
+    """Materialise ``model`` (possibly on meta) with ``state``; every parameter must be provided."""
+    expected = model.state_dict()
+    check_state(expected, state, str(directory), "checkpoint")
     model.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()}, assign=True)
     return model
