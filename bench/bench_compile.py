@@ -11,6 +11,7 @@ expert (shared included) quantized uniformly to 2 and 3 bits by RTN, RTN + clip 
 (routing-weighted and unweighted Grams from the demo calibration set).
 
     OMP_NUM_THREADS=1 python bench/bench_compile.py speed --size-mb 300
+    OMP_NUM_THREADS=1 python bench/bench_compile.py speed --size-mb 300 --bits 2,3,4,8 --asymmetric
     OMP_NUM_THREADS=1 python bench/bench_compile.py quality --model /tmp/demo_try
 """
 
@@ -72,15 +73,18 @@ def write_synthetic(directory: Path, size_mb: int, shard_mb: int) -> dict:
     return config
 
 
-def uniform_plan(directory: Path, bits: int, symmetric: bool = True, group_size: int = 128, spec: dict | None = None):
+def uniform_plan(directory: Path, bits: int | list[int], symmetric: bool = True, group_size: int = 128,
+                 spec: dict | None = None):
+    """Every expert at ``bits``; a list of widths is dealt out round robin (a mixed plan)."""
     from mopeq.models import read_config, skeleton
     from mopeq.schemas import ExpertPlan, Plan, SolverReport, config_hash
 
     config = read_config(directory)
     refs = skeleton(config, directory).experts()
+    widths = bits if isinstance(bits, list) else [bits]
     return Plan(model_id=directory.name, family=config["model_type"], config_hash=config_hash(config),
                 profile_sha256="0" * 64, spec=spec or {}, group_size=group_size, symmetric=symmetric,
-                experts={r.id: ExpertPlan(bits=bits, cluster=r.id) for r in refs},
+                experts={r.id: ExpertPlan(bits=widths[i % len(widths)], cluster=r.id) for i, r in enumerate(refs)},
                 layers={}, totals={}, solver=SolverReport(backend="none", status="optimal", objective=0.0,
                                                           bound=0.0, gap=0.0, seconds=0.0))
 
@@ -130,10 +134,10 @@ def child_copy(src: Path, dst: Path) -> dict:
     return {"seconds": seconds, "peak_mb": rss.stop()}
 
 
-def child_compile(src: Path, dst: Path, shard_mb: int) -> dict:
+def child_compile(src: Path, dst: Path, shard_mb: int, bits: list[int], symmetric: bool) -> dict:
     from mopeq.compiler.artifact import compile_artifact
 
-    plan = uniform_plan(src, 4)
+    plan = uniform_plan(src, bits, symmetric)
     rss = PeakRSS()
     start = time.perf_counter()
     compile_artifact(src, plan, dst, max_shard_bytes=shard_mb * 2**20, progress=False)
@@ -141,15 +145,16 @@ def child_compile(src: Path, dst: Path, shard_mb: int) -> dict:
     return {"seconds": seconds, "peak_mb": rss.stop()}
 
 
-def run_child(mode: str, src: Path, dst: Path, shard_mb: int) -> dict:
+def run_child(mode: str, src: Path, dst: Path, shard_mb: int, bits: list[int] = (4,), symmetric: bool = True) -> dict:
+    extra = f", {shard_mb}, {list(bits)}, {symmetric}" if mode == "compile" else ""
     code = (f"import json, sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import bench_compile as b; "
             f"from pathlib import Path; print(json.dumps(b.child_{mode}(Path({str(src)!r}), Path({str(dst)!r})"
-            f"{', ' + str(shard_mb) if mode == 'compile' else ''})))")
+            f"{extra})))")
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def bench_speed(size_mb: int, shard_mb: int, runs: int = 3) -> None:
+def bench_speed(size_mb: int, shard_mb: int, runs: int = 3, bits: list[int] = (4,), symmetric: bool = True) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         src = Path(tmp, "src")
         src.mkdir()
@@ -162,19 +167,20 @@ def bench_speed(size_mb: int, shard_mb: int, runs: int = 3) -> None:
         for i in range(runs):  # copy and compile back to back, so each ratio sees the same machine load
             shutil.rmtree(Path(tmp, "copy"), ignore_errors=True)
             copies.append(run_child("copy", src, Path(tmp, "copy"), shard_mb))
-            comps.append(run_child("compile", src, Path(tmp, "art"), shard_mb))
+            comps.append(run_child("compile", src, Path(tmp, "art"), shard_mb, bits, symmetric))
             ratios.append(copies[-1]["seconds"] / comps[-1]["seconds"])
             print(f"  run {i + 1}: copy {copies[-1]['seconds']:.3f} s, compile {comps[-1]['seconds']:.3f} s, "
                   f"ratio {ratios[-1]:.2f}x, compile peak +{comps[-1]['peak_mb']:.0f} MB", flush=True)
             shutil.rmtree(Path(tmp, "art"))
         comp_dir = Path(tmp, "art")
-        run_child("compile", src, comp_dir, shard_mb)
+        run_child("compile", src, comp_dir, shard_mb, bits, symmetric)
         out_mb = sum(f.stat().st_size for f in comp_dir.glob("*.safetensors")) / 2**20
     med = lambda xs: statistics.median(xs)  # noqa: E731
     copy = {k: med([c[k] for c in copies]) for k in ("seconds", "peak_mb")}
     comp = {k: med([c[k] for c in comps]) for k in ("seconds", "peak_mb")}
     print(f"checkpoint: {total:.0f} MB bf16 in {len(shards)} shards (largest {largest:.0f} MB), "
-          f"one MoE layer's experts {layer:.0f} MB; artifact {out_mb:.0f} MB (4-bit RTN, sym, g128); "
+          f"one MoE layer's experts {layer:.0f} MB; artifact {out_mb:.0f} MB ({'/'.join(map(str, bits))}-bit RTN, "
+          f"{'sym' if symmetric else 'asym'}, g128); "
           f"medians of {runs} runs, torch threads {torch.get_num_threads()}")
     print(f"plain copy : {copy['seconds']:.2f} s ({total / copy['seconds']:.0f} MB/s), peak +{copy['peak_mb']:.0f} MB")
     print(f"compile    : {comp['seconds']:.2f} s ({total / comp['seconds']:.0f} MB/s), peak +{comp['peak_mb']:.0f} MB")
@@ -237,14 +243,17 @@ def main() -> None:
     p.add_argument("--shard-mb", type=int, default=100)
     p.add_argument("--runs", type=int, default=3, help="speed: copy+compile pairs (medians are reported)")
     p.add_argument("--model", default="demo")
-    p.add_argument("--bits", default="2,3")
-    p.add_argument("--symmetric", action="store_true")
+    p.add_argument("--bits", default=None, help="quality: widths to test (default 2,3); speed: the plan's "
+                   "widths, dealt out round robin over the experts (default 4)")
+    p.add_argument("--symmetric", action="store_true", help="quality: symmetric quantization (default asymmetric)")
+    p.add_argument("--asymmetric", action="store_true", help="speed: asymmetric quantization (default symmetric)")
     args = p.parse_args()
     torch.manual_seed(0)
     if args.mode == "speed":
-        bench_speed(args.size_mb, args.shard_mb, args.runs)
+        bench_speed(args.size_mb, args.shard_mb, args.runs, [int(b) for b in (args.bits or "4").split(",")],
+                    not args.asymmetric)
     else:
-        bench_quality(args.model, [int(b) for b in args.bits.split(",")], args.symmetric)
+        bench_quality(args.model, [int(b) for b in (args.bits or "2,3").split(",")], args.symmetric)
 
 
 if __name__ == "__main__":

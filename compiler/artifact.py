@@ -10,8 +10,10 @@ Layout of ``ARTIFACT_DIR``::
 
 Each planned expert matrix ``P`` (e.g. ``...mlp.experts.3.gate_proj``) becomes ``P.weight_packed``
 (int32), ``P.weight_scale``, ``P.weight_zero_point`` (uint8, asymmetric only) and ``P.weight_shape``
-(int64 ``[out, in]``). The source is read one tensor at a time with ``safe_open``; output shards are
-flushed as they fill; everything is written under a temporary directory renamed into place at the end.
+(int64 ``[out, in]``). The source is read one shard at a time (headers checked, expert tensors mapped
+zero-copy, everything else copied byte for byte in the kernel); each output shard's layout is fixed
+up front and filled front to back while a background thread hashes it; everything is written under
+a temporary directory renamed into place at the end.
 
 Quantizers: ``rtn`` (group-wise round-to-nearest, ``compiler/quantize.py``) or ``gptq`` (error
 compensation from each expert's routed-input Gram, ``compiler/gptq.py``; the Grams come from a
@@ -27,18 +29,18 @@ timestamps; the manifest's versions are those of the installed packages).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import mmap
 import os
 import shutil
 import struct
-from collections import defaultdict
+from collections import defaultdict, deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 from tqdm import tqdm
 
 from ..models import read_config, resolve_dir, skeleton
@@ -187,49 +189,21 @@ def _take(job: Job, tensor: torch.Tensor) -> torch.Tensor:
     return w
 
 
+def shard_name(i: int, count: int) -> str:
+    """File name of output shard ``i`` (0-based) of ``count``."""
+    return f"model-{i + 1:05d}-of-{count:05d}.safetensors"
+
+
 def rename_shards(directory: Path, shards: list[tuple[Path, list[str]]]) -> dict[str, str]:
     """Rename finished shards to ``model-0000K-of-0000N.safetensors``; return tensor name -> file."""
     weight_map = {}
     for i, (path, names) in enumerate(shards):
-        final = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        final = shard_name(i, len(shards))
         path.rename(directory / final)
         weight_map.update({n: final for n in names})
     return weight_map
 
 
-class ShardWriter:
-    """Accumulates tensors and flushes a shard whenever ``max_bytes`` is reached."""
-
-    def __init__(self, directory: Path, max_bytes: int):
-        self.directory, self.max_bytes = directory, max_bytes
-        self.pending: dict[str, torch.Tensor] = {}
-        self.pending_bytes = 0
-        self.shards: list[tuple[Path, list[str]]] = []
-
-    def add(self, name: str, tensor: torch.Tensor) -> None:
-        nbytes = tensor.numel() * tensor.element_size()
-        if self.pending and self.pending_bytes + nbytes > self.max_bytes:
-            self.flush()
-        self.pending[name] = tensor.contiguous()
-        self.pending_bytes += nbytes
-
-    def flush(self) -> None:
-        if not self.pending:
-            return
-        path = self.directory / f"shard-{len(self.shards):05d}.tmp"
-        save_file(self.pending, str(path), metadata={"format": "pt"})
-        self.shards.append((path, sorted(self.pending)))
-        self.pending, self.pending_bytes = {}, 0
-
-    def finish(self) -> dict[str, str]:
-        """Rename shards to ``model-0000K-of-0000N.safetensors``; return the weight map."""
-        self.flush()
-        return rename_shards(self.directory, self.shards)
-
-
-# safetensors dtype names; ``save_file`` orders a file's tensors by this list (last first), then by name.
-ST_ORDER = ["BOOL", "U8", "I8", "F8_E5M2", "F8_E4M3", "F8_E8M0", "I16", "U16", "F16", "BF16", "I32", "U32",
-            "F32", "F64", "I64", "U64"]
 ST_DTYPES = {torch.bool: "BOOL", torch.uint8: "U8", torch.int8: "I8", torch.int16: "I16", torch.float16: "F16",
              torch.bfloat16: "BF16", torch.int32: "I32", torch.float32: "F32", torch.float64: "F64",
              torch.int64: "I64", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2"}
@@ -240,11 +214,13 @@ ST_METADATA = {"format": "pt"}
 
 
 def safetensors_header(tensors: list[tuple[str, str, list[int]]], metadata: dict | None = None) -> tuple[bytes, dict]:
-    """The header ``safetensors.torch.save_file`` writes for ``(name, dtype, shape)`` tensors, byte for byte
-    (8-byte little-endian length, compact JSON, space padding to 8 bytes), and each tensor's data offset."""
-    order = sorted(tensors, key=lambda t: (-ST_ORDER.index(t[1]), t[0].encode()))
+    """A safetensors header for ``(name, dtype, shape)`` tensors stored in that order, and each tensor's
+    data offset: 8-byte little-endian length, compact JSON, space padding to 8 bytes, as
+    ``safetensors.torch.save_file`` writes it (which stores tensors by dtype, then name; readers take
+    every offset from the header, so any order is valid).
+    """
     header, offsets, pos = ({"__metadata__": metadata} if metadata else {}), {}, 0
-    for name, dtype, shape in order:
+    for name, dtype, shape in tensors:
         end = pos + ST_BYTES[dtype] * _numel(shape)
         header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [pos, end]}
         offsets[name], pos = pos, end
@@ -260,15 +236,47 @@ def _numel(shape) -> int:
     return out
 
 
+class _ShardHash:
+    """sha256 of one shard, fed region by region in file order (on the writer's I/O thread)."""
+
+    def __init__(self, path: Path, header: bytes):
+        self.path, self.sha, self.fd, self.buffer = path, hashlib.sha256(header), None, None
+
+    def update(self, offset: int, nbytes: int) -> None:
+        if self.fd is None:
+            self.fd = os.open(self.path, os.O_RDONLY)
+            self.buffer = bytearray(8 << 20)
+        view = memoryview(self.buffer)
+        while nbytes:
+            got = os.preadv(self.fd, [view[: min(nbytes, len(view))]], offset)
+            if got <= 0:
+                raise OSError(f"compile: {self.path} ends before its header says")
+            self.sha.update(view[:got])
+            offset, nbytes = offset + got, nbytes - got
+
+    def hexdigest(self) -> str:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+        return self.sha.hexdigest()
+
+
 class StreamingShardWriter:
     """Shard writer for a layout known up front: no shard is ever held in memory.
 
-    ``tensors`` lists every output ``(name, dtype, shape)`` in the order they will arrive; shards are cut
-    where ``ShardWriter`` would cut them (a shard closes when the next tensor would take it past
-    ``max_bytes``). Each shard's header is written first, then every tensor's bytes at their offset as
-    they arrive (``add``, or ``copy`` straight from a source file), so the shards are byte-identical to
-    ``ShardWriter``'s ``save_file`` output for the same tensors.
+    ``tensors`` lists every output ``(name, dtype, shape)`` in the order they will arrive, and they
+    must arrive in that order. Shards are cut greedily (a shard closes when the next tensor would take
+    it past ``max_bytes``); each shard's header is written first and every tensor's bytes follow in
+    arrival order (``add``, or ``copy`` straight from a source file), so a shard fills front to back.
+
+    Writes happen in the caller's thread; the sha256 of each finished region is computed on one
+    background thread that reads it back from the page cache, in file order, while the caller goes
+    on quantizing (``sha256`` after ``finish``). Moving the writes to that thread as well measured
+    slower: the GIL hand-offs cost the quantizer's many short torch calls more than the writes take.
+    ``drain`` waits for the hashing; a failed read is raised by the next call.
     """
+
+    HASH_CHUNK = 8 << 20  # bytes written before a region is handed to the hashing thread
 
     def __init__(self, directory: Path, max_bytes: int, tensors: list[tuple[str, str, list[int]]]):
         self.directory = directory
@@ -282,7 +290,10 @@ class StreamingShardWriter:
             size += nbytes
         self.shards: list[tuple[Path, list[str]]] = []
         self.where: dict[str, tuple[int, str, list[int], int, int]] = {}  # name -> shard, dtype, shape, offset, bytes
+        self.order = [spec[0] for spec in tensors]
+        self.next = 0
         self.left: list[int] = []
+        self.digests: list[_ShardHash] = []
         for i, group in enumerate(groups):
             path = directory / f"shard-{i:05d}.tmp"
             header, offsets = safetensors_header(group, ST_METADATA)
@@ -291,21 +302,51 @@ class StreamingShardWriter:
                                     ST_BYTES[dtype] * _numel(shape))
             self.shards.append((path, sorted(n for n, _, _ in group)))
             self.left.append(len(group))
+            self.digests.append(_ShardHash(path, header))
             with open(path, "wb") as f:
                 f.write(header)
                 f.truncate(len(header) + sum(ST_BYTES[d] * _numel(s) for _, d, s in group))
         self.fds: dict[int, int] = {}
+        self.hasher = ThreadPoolExecutor(1, thread_name_prefix="mopeq-sha256")
+        self.queued: deque[Future] = deque()
+        self.error: BaseException | None = None
+        self.unhashed: dict[int, tuple[int, int]] = {}  # shard -> written region not yet hashed
+        self.sha256: dict[str, str] = {}  # final shard name -> hex digest, filled by ``finish``
 
     def _slot(self, name: str) -> tuple[int, int, int]:
+        if self.error is not None:
+            raise self.error
         if name not in self.where:
             raise RuntimeError(f"compile: tensor {name} was not in the planned layout (or written twice)")
+        if self.order[self.next] != name:
+            raise RuntimeError(f"compile: tensor {name} arrived out of the planned order "
+                               f"(expected {self.order[self.next]})")
+        self.next += 1
         shard, dtype, shape, offset, nbytes = self.where.pop(name)
         if shard not in self.fds:
             self.fds[shard] = os.open(self.shards[shard][0], os.O_WRONLY)
         return shard, offset, nbytes
 
-    def _done(self, shard: int) -> None:
+    def _hash(self, shard: int, offset: int, nbytes: int) -> None:
+        self.queued.append(self.hasher.submit(self._guard, self.digests[shard].update, offset, nbytes))
+        while self.queued and self.queued[0].done():
+            self.queued.popleft()
+
+    def _guard(self, fn, *args) -> None:
+        if self.error is None:
+            try:
+                fn(*args)
+            except BaseException as e:  # kept for the main thread: raised by its next call
+                self.error = e
+
+    def _done(self, shard: int, offset: int, nbytes: int) -> None:
+        start, size = self.unhashed.get(shard, (offset, 0))
+        size += nbytes
         self.left[shard] -= 1
+        if size >= self.HASH_CHUNK or not self.left[shard]:
+            self._hash(shard, start, size)
+            start, size = start + size, 0
+        self.unhashed[shard] = (start, size)
         if not self.left[shard]:
             os.close(self.fds.pop(shard))
 
@@ -316,36 +357,60 @@ class StreamingShardWriter:
                                f"planned {spec[1]} {spec[2]}")
         shard, offset, nbytes = self._slot(name)
         data = memoryview(tensor.contiguous().reshape(-1).view(torch.uint8).numpy())
-        fd = self.fds[shard]
-        while data:
-            done = os.pwrite(fd, data, offset)
-            data, offset = data[done:], offset + done
-        self._done(shard)
+        _pwrite_all(self.fds[shard], data, offset)
+        self._done(shard, offset, nbytes)
 
     def copy(self, name: str, src_fd: int, src_offset: int) -> None:
         """Copy ``name``'s bytes from an open file, in the kernel where it can (``copy_file_range``)."""
         shard, offset, nbytes = self._slot(name)
-        fd = self.fds[shard]
-        while nbytes:
-            try:
-                done = os.copy_file_range(src_fd, fd, nbytes, src_offset, offset)
-            except (AttributeError, OSError):
-                done = os.pwrite(fd, os.pread(src_fd, min(nbytes, 64 << 20), src_offset), offset)
-            if done <= 0:
-                raise OSError(f"compile: short copy of tensor {name}")
-            nbytes, src_offset, offset = nbytes - done, src_offset + done, offset + done
-        self._done(shard)
+        _copy_range(name, src_fd, src_offset, self.fds[shard], offset, nbytes)
+        self._done(shard, offset, nbytes)
+
+    def drain(self) -> None:
+        """Wait until every region handed over is hashed; raise the first read error."""
+        while self.queued:
+            self.queued.popleft().result()
+        if self.error is not None:
+            raise self.error
 
     def finish(self) -> dict[str, str]:
         """Rename shards to ``model-0000K-of-0000N.safetensors``; return the weight map."""
         if self.where:
             raise RuntimeError(f"compile: {len(self.where)} planned tensors never written, e.g. {next(iter(self.where))}")
-        return rename_shards(self.directory, self.shards)
+        self.drain()
+        digests = [d.hexdigest() for d in self.digests]
+        weight_map = rename_shards(self.directory, self.shards)
+        self.sha256 = {shard_name(i, len(digests)): d for i, d in enumerate(digests)}
+        return weight_map
 
     def close(self) -> None:
+        """Stop the hashing thread and close every descriptor (also after an error)."""
+        self.hasher.shutdown(wait=True, cancel_futures=True)
         for fd in self.fds.values():
             os.close(fd)
         self.fds = {}
+        for digest in self.digests:
+            if digest.fd is not None:
+                os.close(digest.fd)
+                digest.fd = None
+
+
+def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+    while data:
+        done = os.pwrite(fd, data, offset)
+        data, offset = data[done:], offset + done
+
+
+def _copy_range(name: str, src_fd: int, src_offset: int, fd: int, offset: int, nbytes: int) -> None:
+    """Copy bytes between files, in the kernel where it can (``copy_file_range``)."""
+    while nbytes:
+        try:
+            done = os.copy_file_range(src_fd, fd, nbytes, src_offset, offset)
+        except (AttributeError, OSError):
+            done = os.pwrite(fd, os.pread(src_fd, min(nbytes, 64 << 20), src_offset), offset)
+        if done <= 0:
+            raise OSError(f"compile: short copy of tensor {name}")
+        nbytes, src_offset, offset = nbytes - done, src_offset + done, offset + done
 
 
 def check_vllm(plan: Plan, jobs: dict[str, list[Job]], adapter) -> None:
@@ -415,8 +480,8 @@ def compile_artifact(model: str | Path, plan: Plan, output: Path, overwrite: boo
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        weight_map, ignore = _write_tensors(shard_of, jobs, plan, tmp, max_shard_bytes, progress, quantizer)
-        _write_metadata(tmp, directory, config, plan, jobs, weight_map, ignore, quantizer)
+        weight_map, ignore, digests = _write_tensors(shard_of, jobs, plan, tmp, max_shard_bytes, progress, quantizer)
+        _write_metadata(tmp, directory, config, plan, jobs, weight_map, ignore, quantizer, digests)
         _replace(tmp, output)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -435,8 +500,9 @@ def _replace(tmp: Path, output: Path) -> None:
 
 
 def _write_tensors(shard_of, jobs, plan, tmp: Path, max_shard_bytes: int, progress: bool,
-                   quantizer: MatrixQuantizer) -> tuple[dict[str, str], list[str]]:
-    """Stream every source tensor into the output shards; returns the weight map and the unquantized 2-D modules.
+                   quantizer: MatrixQuantizer) -> tuple[dict[str, str], list[str], dict[str, str]]:
+    """Stream every source tensor into the output shards; returns the weight map, the unquantized 2-D
+    modules and the sha256 of every output shard.
 
     The output layout is computed from the source headers before anything is quantized; unquantized
     tensors are copied byte for byte (never decoded), expert tensors are read zero-copy from a private
@@ -470,29 +536,35 @@ def _write_tensors(shard_of, jobs, plan, tmp: Path, max_shard_bytes: int, progre
     try:
         for path, start, header, keys in sources:
             with open(path, "rb") as f:
-                mapped = None
-                for key in keys:
-                    begin, end = header[key]["data_offsets"]
-                    if key in jobs:
-                        if mapped is None:  # private and read-only in use: pages stay file-backed
-                            mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
-                        entry = header[key]
-                        dtype = TORCH_DTYPES[entry["dtype"]]
-                        tensor = torch.frombuffer(mapped, dtype=dtype, count=_numel(entry["shape"]),
-                                                  offset=start + begin).view(entry["shape"]) \
-                            if end > begin else torch.empty(entry["shape"], dtype=dtype)
-                        for job in jobs[key]:
-                            for name, t in quantize_job(job, tensor, plan, quantizer).items():
-                                writer.add(name, t)
-                        del tensor
-                    else:
-                        writer.copy(key, f.fileno(), start + begin)
-                    bar.update()
-                del mapped  # closed once no tensor views it
+                _stream_source(f, start, header, keys, jobs, plan, quantizer, writer, bar)
+        weight_map = writer.finish()
     finally:
         writer.close()
     bar.close()
-    return writer.finish(), ignore
+    return weight_map, ignore, writer.sha256
+
+
+def _stream_source(f, start: int, header: dict, keys: list[str], jobs, plan: Plan, quantizer: MatrixQuantizer,
+                   writer: StreamingShardWriter, bar) -> None:
+    """Quantize or copy every tensor of one open source shard into ``writer``."""
+    mapped = None
+    for key in keys:
+        begin, end = header[key]["data_offsets"]
+        if key in jobs:
+            if mapped is None:  # private and read-only in use: pages stay file-backed
+                mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+            entry = header[key]
+            dtype = TORCH_DTYPES[entry["dtype"]]
+            tensor = torch.frombuffer(mapped, dtype=dtype, count=_numel(entry["shape"]),
+                                      offset=start + begin).view(entry["shape"]) \
+                if end > begin else torch.empty(entry["shape"], dtype=dtype)
+            for job in jobs[key]:
+                for name, t in quantize_job(job, tensor, plan, quantizer).items():
+                    writer.add(name, t)
+            del tensor
+        else:
+            writer.copy(key, f.fileno(), start + begin)
+        bar.update()
 
 
 def _natural(key: str):
@@ -500,7 +572,7 @@ def _natural(key: str):
 
 
 def _write_metadata(tmp: Path, source: Path, config: dict, plan: Plan, jobs, weight_map: dict,
-                    ignore: list[str], quantizer: MatrixQuantizer) -> None:
+                    ignore: list[str], quantizer: MatrixQuantizer, digests: dict[str, str]) -> None:
     config = dict(config, quantization_config=quantization_config(plan, jobs, ignore))
     (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     total = sum((tmp / f).stat().st_size for f in set(weight_map.values()))
@@ -512,7 +584,7 @@ def _write_metadata(tmp: Path, source: Path, config: dict, plan: Plan, jobs, wei
             shutil.copy2(extra, tmp / extra.name)
     shards = sorted(set(weight_map.values()))
     manifest = {"version": ARTIFACT_VERSION, "config_hash": plan.config_hash, "plan": plan_record(plan),
-                "shards": {s: sha256_file(tmp / s) for s in shards},
+                "shards": {s: digests[s] for s in shards},
                 "versions": _versions(), "source_config_hash": config_hash(config),
                 "quantizer": quantizer.describe()}
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")

@@ -47,6 +47,8 @@ def pack_int32(codes: torch.Tensor, bits: int) -> torch.Tensor:
         for i in range(1, per_word):  # int32 arithmetic: the top lane's shift wraps like a C cast
             packed |= lanes[..., i] << (bits * i)
         return packed
+    elif sys.byteorder == "little" and words:
+        return _pack_3bit_bytes(codes, lead, k, words)
     else:
         codes = codes.to(torch.int64)
         bit_index = torch.arange(bits, device=codes.device, dtype=torch.int64)
@@ -78,6 +80,29 @@ def _pack_bytes(codes: torch.Tensor, bits: int, lead: list, k: int, words: int) 
             out |= lanes >> ((8 - bits) * i)
         out = out.to(torch.uint8)
     return out.view(torch.int32)
+
+
+def _pack_3bit_bytes(codes: torch.Tensor, lead: list, k: int, words: int) -> torch.Tensor:
+    """3 bits on a little-endian host: eight codes fill exactly three bytes of the stream. Read each
+    run of eight uint8 codes as one little-endian int64 (code i at bit 8i) and merge neighbours in
+    three shift-or-mask steps (pairs of 3-bit codes into 6 bits per 16-bit lane, those into 12 bits
+    per 32-bit lane, those into 24 bits), keep the low three bytes, and reinterpret the byte stream as
+    int32 words (bytes past the last word only ever hold padding zeros)."""
+    runs = -(-k // 8)
+    c = codes.to(torch.uint8)
+    if k != runs * 8:
+        c = torch.nn.functional.pad(c, (0, runs * 8 - k))
+    x = c.contiguous().view(torch.int64)  # [..., runs]
+    for shift, mask in ((5, 0x003F003F003F003F), (10, 0x00000FFF00000FFF), (20, 0xFFFFFF)):
+        y = x >> shift
+        y |= x
+        y &= mask
+        x = y
+    stream = x.view(torch.uint8).view(*lead, runs, 8)[..., :3].reshape(*lead, runs * 3)
+    nbytes = words * 4
+    if nbytes > runs * 3:
+        stream = torch.nn.functional.pad(stream, (0, nbytes - runs * 3))
+    return stream[..., :nbytes].contiguous().view(torch.int32)
 
 
 def unpack_int32(packed: torch.Tensor, bits: int, num_codes: int) -> torch.Tensor:

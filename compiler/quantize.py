@@ -11,6 +11,7 @@ stores it) and writes no zero point.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -114,7 +115,7 @@ def quantize_packed(w: torch.Tensor, bits: int, group_size: int, symmetric: bool
     """``quantize`` then ``pack_int32``, one cache-sized block of rows at a time: ``(packed, scale, zero)``.
 
     Quantization is row-wise, so running it on row blocks gives the same bits as the whole matrix
-    (``tests/compiler/test_quantizers.py`` checks byte equality) while every fp32 temporary stays small
+    (``tests/compiler/test_streaming.py`` checks byte equality) while every fp32 temporary stays small
     and cache-resident; no ``[N, K]`` fp32 or uint8 code tensor is ever built.
     """
     _check_weight(w, bits)
@@ -143,21 +144,54 @@ def quantize_packed(w: torch.Tensor, bits: int, group_size: int, symmetric: bool
 _ROUNDER = float(2**23)  # fl(y + 2**23) - 2**23 == round-half-even(y) for 0 <= y < 2**22
 
 
+class _Workspace(threading.local):
+    """Per-thread scratch buffers of ``_rtn_block``, reused across calls.
+
+    A fresh multi-MB tensor per matrix costs a page fault per 4 KiB on first touch (torch's CPU
+    allocator returns large blocks to the OS), which measured as much as the arithmetic itself.
+    """
+
+    def __init__(self):
+        self.buffers: dict[torch.dtype, torch.Tensor] = {}
+
+    def get(self, numel: int, dtype: torch.dtype) -> torch.Tensor:
+        buf = self.buffers.get(dtype)
+        if buf is None or buf.numel() < numel:
+            buf = self.buffers[dtype] = torch.empty(numel, dtype=dtype)
+        return buf[:numel]
+
+
+_WORKSPACE = _Workspace()
+
+
 def _rtn_block(w: torch.Tensor, bits: int, group_size: int, symmetric: bool, scale_dtype: torch.dtype):
     """``quantize`` without clip search, bit for bit, in fewer passes: codes as uint8 ``[n, k]``, scale, zero.
 
     ``quantize`` computes ``clamp(round(w / s + z), 0, qmax)``; since rounding is monotone and fixes
     the integers 0 and qmax this equals ``round(clamp(w / s + z, 0, qmax))``, and the rounding of a
     value in ``[0, qmax]`` is done by adding 2**23 (fp32 round-to-nearest-even leaves the integer in the
-    low mantissa bits, which are then read as the code).
+    low mantissa bits, which are then read as the code). Every pass runs in place in a reused buffer;
+    the returned codes live in the workspace until the next call.
     """
     n, k = w.shape
-    wg = _grouped(w.float(), group_size)
+    g = num_groups(k, group_size)
+    if g * group_size == k:
+        wg = _WORKSPACE.get(n * k, torch.float32).view(n, g, group_size)
+        wg.view(n, k).copy_(w)
+    else:
+        wg = _grouped(w.float(), group_size)
+    qmax = 2**bits - 1
     scale, zero = _params(wg, bits, symmetric, 1.0)
     scale = scale.to(scale_dtype).float().clamp(min=torch.finfo(scale_dtype).tiny)
-    y = torch.div(wg, scale[..., None]).add_(zero[..., None]).clamp_(0, 2**bits - 1).add_(_ROUNDER)
-    codes = y.view(n, -1)[:, :k].view(torch.int32).to(torch.uint8)  # the low byte is the code (< 256)
-    return codes, scale.to(scale_dtype), None if symmetric else zero.to(torch.uint8)
+    wg.div_(scale[..., None])
+    if symmetric:  # zero is the constant 2**(bits-1): adding it as a scalar gives the same fp32 sums
+        wg.add_(float(2 ** (bits - 1)))
+    else:
+        wg.add_(zero[..., None])
+    wg.clamp_(0, qmax).add_(_ROUNDER)
+    codes = _WORKSPACE.get(n * g * group_size, torch.uint8).view(n, g * group_size)
+    codes.copy_(wg.view(n, -1).view(torch.int32))  # the low byte is the code (< 256); int32 -> uint8 wraps
+    return codes[:, :k], scale.to(scale_dtype), None if symmetric else zero.to(torch.uint8)
 
 
 def dequantize(qw: QuantizedWeight, dtype: torch.dtype = torch.float32) -> torch.Tensor:

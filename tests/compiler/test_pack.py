@@ -75,6 +75,15 @@ def test_matches_frozen_reference_on_odd_shape(bits):
     assert torch.equal(pack_int32(codes, bits), frozen_pack(codes, bits))
 
 
+@pytest.mark.parametrize("bits", BITS)
+def test_matches_frozen_reference_for_every_row_length_up_to_two_word_cycles(bits):
+    # 3 bits: eight codes make three bytes, so row lengths where 3*ceil(K/8) passes 4*words (K = 9, 19, ...)
+    # exercise the cut of the padding bytes; 2/4 bits: rows that end mid-byte
+    for k in range(1, 70):
+        codes = random_codes((3, k), bits, seed=k)
+        assert torch.equal(pack_int32(codes, bits), frozen_pack(codes, bits)), k
+
+
 @pytest.mark.parametrize("bits", (2, 4, 8))
 def test_equals_compressed_tensors_documented_layout(bits):
     codes = random_codes((64, 545), bits, seed=1)

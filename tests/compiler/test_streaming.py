@@ -1,6 +1,8 @@
-"""The streaming compile path: header-first shard writer == ``save_file`` byte for byte, and the fused
-RTN + pack path == ``pack_int32(quantize(...).codes)`` bit for bit."""
+"""The streaming compile path: the header-first shard writer (``save_file``'s header format, tensors in
+arrival order, greedy shard cuts, sha256 computed while writing), and the fused RTN + pack path ==
+``pack_int32(quantize(...).codes)`` bit for bit."""
 
+import hashlib
 import os
 
 import pytest
@@ -8,7 +10,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from mopeq.compiler.artifact import ST_DTYPES, ShardWriter, StreamingShardWriter, safetensors_header
+from mopeq.compiler.artifact import ST_BYTES, ST_DTYPES, StreamingShardWriter, safetensors_header
 from mopeq.compiler.pack import pack_int32
 from mopeq.compiler.quantize import quantize, quantize_packed
 
@@ -28,26 +30,25 @@ def mixed_tensors():
     return out
 
 
+# safetensors dtype names; ``save_file`` stores a file's tensors by this list (last first), then by name.
+ST_ORDER = ["BOOL", "U8", "I8", "F8_E5M2", "F8_E4M3", "F8_E8M0", "I16", "U16", "F16", "BF16", "I32", "U32",
+            "F32", "F64", "I64", "U64"]
+
+
 def test_header_equals_save_file(tmp_path):
     tensors = mixed_tensors()
     save_file(tensors, str(tmp_path / "ref.safetensors"), metadata={"format": "pt"})
     ref = (tmp_path / "ref.safetensors").read_bytes()
-    header, _ = safetensors_header([(n, ST_DTYPES[t.dtype], list(t.shape)) for n, t in tensors.items()],
-                                   {"format": "pt"})
+    specs = sorted([(n, ST_DTYPES[t.dtype], list(t.shape)) for n, t in tensors.items()],
+                   key=lambda t: (-ST_ORDER.index(t[1]), t[0].encode()))
+    header, _ = safetensors_header(specs, {"format": "pt"})
     assert ref[: len(header)] == header
 
 
 @pytest.mark.parametrize("max_bytes", [1, 64, 10**9])
-def test_streaming_writer_equals_shard_writer(tmp_path, max_bytes):
+def test_streaming_writer_shards_and_hashes(tmp_path, max_bytes):
     tensors = mixed_tensors()
-    (tmp_path / "old").mkdir()
-    (tmp_path / "new").mkdir()
-    old = ShardWriter(tmp_path / "old", max_bytes)
-    for name, t in tensors.items():
-        old.add(name, t)
-    old_map = old.finish()
-    new = StreamingShardWriter(tmp_path / "new", max_bytes,
-                               [(n, ST_DTYPES[t.dtype], list(t.shape)) for n, t in tensors.items()])
+    new = StreamingShardWriter(tmp_path, max_bytes, [(n, ST_DTYPES[t.dtype], list(t.shape)) for n, t in tensors.items()])
     src = tmp_path / "src.bin"
     for i, (name, t) in enumerate(tensors.items()):
         if i % 2:  # half through copy(), as compile copies unquantized tensors
@@ -57,14 +58,37 @@ def test_streaming_writer_equals_shard_writer(tmp_path, max_bytes):
             os.close(fd)
         else:
             new.add(name, t)
-    new_map = new.finish()
-    assert new_map == old_map
-    for shard in set(old_map.values()):
-        assert (tmp_path / "new" / shard).read_bytes() == (tmp_path / "old" / shard).read_bytes()
-        with safe_open(str(tmp_path / "new" / shard), "pt") as f:
+    weight_map = new.finish()
+    new.close()
+    assert set(weight_map) == set(tensors)
+    # greedy cuts: a shard closes when the next tensor would take it past max_bytes
+    names, expected, size = list(tensors), [[]], 0
+    for name in names:
+        nbytes = tensors[name].numel() * tensors[name].element_size()
+        if expected[-1] and size + nbytes > max_bytes:
+            expected.append([])
+            size = 0
+        expected[-1].append(name)
+        size += nbytes
+    shards = sorted(set(weight_map.values()))
+    assert [sorted(n for n in names if weight_map[n] == s) for s in shards] == [sorted(e) for e in expected]
+    assert new.sha256 == {s: hashlib.sha256((tmp_path / s).read_bytes()).hexdigest() for s in shards}
+    for shard in shards:
+        with safe_open(str(tmp_path / shard), "pt") as f:
             for name in f.keys():
                 assert torch.equal(f.get_tensor(name).reshape(-1).view(torch.uint8),
                                    tensors[name].reshape(-1).view(torch.uint8))
+        raw = (tmp_path / shard).read_bytes()  # data in arrival order, no gaps, nothing after the last tensor
+        names_here = [n for n in names if weight_map[n] == shard]
+        assert len(raw) == 8 + int.from_bytes(raw[:8], "little") + sum(
+            ST_BYTES[ST_DTYPES[tensors[n].dtype]] * tensors[n].numel() for n in names_here)
+
+
+def test_streaming_writer_refuses_out_of_order(tmp_path):
+    w = StreamingShardWriter(tmp_path, 1 << 20, [("a", "F32", [2]), ("b", "I32", [3])])
+    with pytest.raises(RuntimeError, match="out of the planned order"):
+        w.add("b", torch.zeros(3, dtype=torch.int32))
+    w.close()
 
 
 def test_streaming_writer_refuses_unplanned_and_missing(tmp_path):
