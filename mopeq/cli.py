@@ -157,7 +157,8 @@ def cmd_profile(args) -> None:
             raise InputError("--calib demo: only for the demo model")
         batches = demo_batches(config)
     elif Path(calib).is_dir():
-        batches = image_folder_batches(Path(calib), config)
+        tokenizer = None if config["model_type"] == "mopeq_demo_vlm" else _tokenizer(directory)
+        batches = image_folder_batches(Path(calib), config, tokenizer=tokenizer)
     else:
         batches = text_file_batches(Path(calib), _tokenizer(directory))
     info = summary(batches, str(calib))
@@ -185,11 +186,16 @@ def _profile_in_memory(args, batches, info, bits, sources):
 
 def _tokenizer(directory: Path):
     from transformers import AutoTokenizer
+    from transformers.utils import logging
 
+    level = logging.get_verbosity()
+    logging.set_verbosity_error()  # remote-code model types (deepseek_vl_v2, molmo) make AutoConfig warn; harmless here
     try:
         return AutoTokenizer.from_pretrained(directory)
     except (OSError, ValueError) as exc:
         raise InputError(f"{directory}: no usable tokenizer ({str(exc).splitlines()[0]})") from None
+    finally:
+        logging.set_verbosity(level)
 
 
 def cmd_plan(args) -> None:

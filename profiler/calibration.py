@@ -81,7 +81,7 @@ def read_texts(path: Path) -> list[str]:
 def batches_hash(batches: list[dict]) -> str:
     h = hashlib.sha256()
     for b in batches:
-        for key in ("input_ids", "labels", "images"):
+        for key in ("input_ids", "labels", "images", "images_seq_mask", "images_spatial_crop"):
             if b.get(key) is not None:
                 h.update(b[key].contiguous().numpy().tobytes())
     return h.hexdigest()[:16]
@@ -99,24 +99,83 @@ def summary(batches: list[dict], source: str) -> dict:
 IMAGE_INDEX = "index.jsonl"
 
 
-def image_folder_batches(folder: Path, config: dict, batch: int = 16) -> list[dict]:
-    """Image+question+answer batches for the demo VLM from ``folder/index.jsonl``.
+def image_folder_batches(folder: Path, config: dict, batch: int = 16, tokenizer=None) -> list[dict]:
+    """Image+question+answer batches from ``folder/index.jsonl``, for the demo VLM or DeepSeek-VL2.
 
-    Each line: ``{"image": "relative/path.npy|.png", "question": "...", "answer": "..."}``. Images are
-    8x8 ``.npy`` arrays with values in [0, 1], or PNGs (converted to grey, resized to 8x8, scaled to [0, 1]).
+    Each line: ``{"image": "relative/path", "question": "...", "answer": "..."}``. Demo: 8x8 ``.npy``
+    arrays with values in [0, 1], or PNGs (converted to grey, resized to 8x8, scaled to [0, 1]).
+    DeepSeek-VL2 (needs ``tokenizer``): any RGB image PIL reads, tiled by VL2's processor
+    (``vl2_batches``).
     """
     from ..demo.data import vqa_batch
     from ..demo.model import DemoConfig
 
     folder = Path(folder)
+    if config.get("model_type") == "deepseek_vl_v2":
+        return vl2_batches(folder, config, tokenizer, batch=min(batch, 4))
     if config.get("model_type") != "mopeq_demo_vlm":
-        raise InputError(f"{folder}: image calibration folders are only supported for the demo VLM")
+        raise InputError(f"{folder}: image calibration folders are supported for the demo VLM and DeepSeek-VL2, "
+                         f"not model_type {config.get('model_type')!r}")
     records = _image_records(folder)
     images = torch.stack([load_image(folder / r["image"], where) for where, r in records])
     ids, labels, imgs = vqa_batch(DemoConfig.from_dict(config), images, [r["question"] for _, r in records],
                                   [r["answer"] for _, r in records])
     return [{"input_ids": ids[s:s + batch], "labels": labels[s:s + batch], "images": imgs[s:s + batch],
              "modality": "image"} for s in range(0, len(records), batch)]
+
+
+def vl2_batches(folder: Path, config: dict, tokenizer, batch: int = 4) -> list[dict]:
+    """DeepSeek-VL2 batches: prompt ``<image>\n{question} {answer}`` per record, tiles from VL2's processor.
+
+    Labels are the next token at every text position (``-100`` where the next token is an image slot or
+    padding); samples are right-padded (harmless for a causal LM), tiles zero-padded.
+    """
+    from ..models.deepseek_vl2_vision import encode
+
+    samples = []
+    for where, r in _image_records(folder):
+        sample = encode(f"<image>\n{r['question']} {r['answer']}", [load_rgb(folder / r["image"], where)],
+                        tokenizer, config)
+        ids, mask = sample["input_ids"][0], sample["images_seq_mask"][0]
+        labels = torch.full_like(ids, -100)
+        labels[:-1] = torch.where(mask[1:], -100, ids[1:])
+        samples.append(dict(sample, labels=labels[None]))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    out = []
+    for s in range(0, len(samples), batch):
+        group = samples[s:s + batch]
+        length = max(g["input_ids"].shape[1] for g in group)
+        tiles = max(g["images"].shape[1] for g in group)
+        widen = lambda t, value: torch.nn.functional.pad(t, (0, length - t.shape[1]), value=value)  # noqa: E731
+        out.append({"input_ids": torch.cat([widen(g["input_ids"], pad) for g in group]),
+                    "labels": torch.cat([widen(g["labels"], -100) for g in group]),
+                    "images_seq_mask": torch.cat([widen(g["images_seq_mask"], False) for g in group]),
+                    "images": torch.cat([torch.nn.functional.pad(g["images"], (0, 0, 0, 0, 0, 0, 0, tiles - g["images"].shape[1]))
+                                         for g in group]),
+                    "images_spatial_crop": torch.cat([g["images_spatial_crop"] for g in group]),
+                    "modality": "image"})
+    return out
+
+
+def load_rgb(path: Path, where: str):
+    """A PIL RGB image from any file PIL reads (``.npy`` arrays ``[H, W, 3]`` uint8 too)."""
+    import numpy as np
+    from PIL import Image, UnidentifiedImageError
+
+    if not path.is_file():
+        raise InputError(f"{where}: image {path} not found")
+    if path.suffix == ".npy":
+        try:
+            arr = np.load(path, allow_pickle=False)
+        except ValueError as exc:
+            raise InputError(f"{where}: {path} is not a numpy array ({exc})") from None
+        if arr.ndim != 3 or arr.shape[-1] != 3 or arr.dtype != np.uint8:
+            raise InputError(f"{where}: {path} has shape {arr.shape} dtype {arr.dtype}, expected uint8 [H, W, 3]")
+        return Image.fromarray(arr)
+    try:
+        return Image.open(path).convert("RGB")
+    except (UnidentifiedImageError, OSError) as exc:
+        raise InputError(f"{where}: {path} is not a readable image ({exc})") from None
 
 
 def _image_records(folder: Path) -> list[tuple[str, dict]]:

@@ -46,11 +46,12 @@ the copy in FyrbyAdditive/DeepSeek-VL2 (same path; other forks hold it too).
    3.37B / 16.1B / 27.5B total for tiny / small / base. The per-field values of the shipped configs
    (configs/deepseek-vl2*.json) were NOT found in any indexed source: unverified (see their notes).
 
-mopeq rebuilds only the **language model** (under ``language.``), so profile/compile/run need no
-remote code. The vision encoder and projector are **not rebuilt** (timm is not a dependency): their
-tensors are kept as frozen parameters under their checkpoint names, never quantized, and copied
-through the compiler byte for byte. Running and calibration are text-only (``input_ids`` through the
-language model; VL2's ``prepare_inputs_embeds`` image splicing is not reproduced).
+mopeq rebuilds the whole model without remote code: the **language model** under ``language.`` (above)
+and the **image path** (``deepseek_vl2_vision.py``: transformers' SigLIP encoder under ``vision.`` with a
+key mapping from VL2's timm names, the downsampling MLP ``projector``, ``image_newline``/``view_seperator``
+and VL2's tile layout). Only experts are planned; the encoder and projector stay unquantized and the
+compiler copies their tensors byte for byte. A checkpoint without any ``vision.*`` tensor (a language-only
+extract) runs text-only.
 """
 
 from __future__ import annotations
@@ -63,6 +64,7 @@ from torch import nn
 from ..schemas import InputError
 from .base import LanguageAdapter
 from .checkpoint import TextOnlyWrapper, attach_frozen, fuse_experts, header, load_into, read_state
+from .deepseek_vl2_vision import build_vision, check_checkpoint, image_embeds, vision_settings, vision_to_memory
 
 LANGUAGE = "language."
 # DeepSeek-VL2 config keys that transformers' DeepseekV2Config does not take (or that we set ourselves).
@@ -212,9 +214,11 @@ def rotate_half_rope(q: torch.Tensor, k: torch.Tensor, freqs_cis: torch.Tensor):
 
 
 class DeepseekVL2Text(TextOnlyWrapper):
-    """``language`` (a runnable DeepSeek-V2 LM) plus frozen ``vision``/``projector`` tensors."""
+    """``language`` (a runnable DeepSeek-V2 LM), and when ``vision`` settings are given the image path
+    (``vision``, ``projector``, ``image_newline``, ``view_seperator``); ``frozen`` tensors ride along unused."""
 
-    def __init__(self, lang_config, frozen: dict, use_mla: bool = True):
+    def __init__(self, lang_config, frozen: dict, use_mla: bool = True, vision: tuple[dict, dict] | None = None,
+                 global_view_pos: str = "head"):
         super().__init__()
         from transformers import AutoModelForCausalLM
 
@@ -224,8 +228,20 @@ class DeepseekVL2Text(TextOnlyWrapper):
                 layer.self_attn = MultiHeadAttention(lang_config, i)
             if hasattr(layer.mlp, "gate"):  # transformers' router -> the public MoEGate's routing
                 layer.mlp.gate = SourceMoEGate(lang_config)
+        self.has_vision = vision is not None
+        if vision is not None:
+            build_vision(self, *vision)
+        self.global_view_pos = global_view_pos
         attach_frozen(self, frozen)
         self.config = lang_config
+
+    def forward(self, input_ids=None, images=None, images_seq_mask=None, images_spatial_crop=None, **kwargs):
+        if images is None or images_spatial_crop is None:
+            return self.language(input_ids=input_ids, **kwargs)
+        if not self.has_vision:
+            raise InputError("images: this checkpoint has no vision.* tensors (a language-only DeepSeek-VL2)")
+        embeds = image_embeds(self, input_ids, images, images_seq_mask, images_spatial_crop, self.global_view_pos)
+        return self.language(inputs_embeds=embeds, **kwargs)
 
 
 class DeepseekVL2Adapter(LanguageAdapter):
@@ -236,12 +252,28 @@ class DeepseekVL2Adapter(LanguageAdapter):
     @classmethod
     def build_model(cls, config: dict, where) -> nn.Module:
         where = Path(where)
-        frozen = {k: v for k, v in header(where).items() if not k.startswith(LANGUAGE)} if where.is_dir() else {}
+        tensors = header(where) if where.is_dir() else {}
         use_mla = bool(config.get("language_config", {}).get("use_mla", True))
-        return DeepseekVL2Text(language_config(config, where), frozen, use_mla)
+        # the image path when the checkpoint has one (with no checkpoint, e.g. estimates: when the config has one)
+        with_vision = any(k.startswith("vision.") for k in tensors) if tensors else "vision_config" in config
+        vision = vision_settings(config, where) if with_vision else None
+        if vision is not None and tensors:
+            check_checkpoint(tensors, *vision, where)
+        model = DeepseekVL2Text(language_config(config, where), {}, use_mla, vision, config.get("global_view_pos", "head"))
+        built = set(model.state_dict())
+        frozen = {k: v for k, v in vision_to_memory(tensors).items() if not k.startswith(LANGUAGE) and k not in built}
+        attach_frozen(model, frozen)
+        return model
+
+    def memory_tensors(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return vision_to_memory(tensors)
 
     @classmethod
     def load_model(cls, directory, config: dict, dtype: torch.dtype) -> nn.Module:
         model = cls.build_model(config, directory)
-        state = fuse_experts(read_state(Path(directory)))
+        state = vision_to_memory(fuse_experts(read_state(Path(directory))))
         return load_into(model, state, Path(directory)).to(dtype)
+
+    def forward(self, batch: dict) -> torch.Tensor:
+        images = {k: batch[k] for k in ("images", "images_seq_mask", "images_spatial_crop") if batch.get(k) is not None}
+        return self.model(input_ids=batch["input_ids"], use_cache=False, **images).logits

@@ -49,8 +49,9 @@ VL2_LANGUAGE = dict(COMMON, model_type="deepseek_v2", n_routed_experts=4, num_ex
                     use_mla=True, **MLA)
 
 
-def save_tokenizer(directory: Path) -> None:
-    """A character-level WordLevel tokenizer over ``CHARS`` (ids 3..), wrapped as PreTrainedTokenizerFast."""
+def save_tokenizer(directory: Path, extra_tokens: tuple[str, ...] = ()) -> None:
+    """A character-level WordLevel tokenizer over ``CHARS`` (ids 3..), wrapped as PreTrainedTokenizerFast;
+    ``extra_tokens`` (e.g. DeepSeek-VL2's ``<image>``) are added as special tokens after them."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -59,8 +60,11 @@ def save_tokenizer(directory: Path) -> None:
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
     tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
     tok.decoder = decoders.Fuse()
-    PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>") \
-        .save_pretrained(directory)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+    if extra_tokens:
+        fast.add_special_tokens({"additional_special_tokens": list(extra_tokens)})
+        assert len(fast) <= VOCAB
+    fast.save_pretrained(directory)
 
 
 def build_transformers(family: str, directory: Path) -> Path:
@@ -111,26 +115,51 @@ def build_deepseek_vl2(directory: Path, use_mla: bool = True) -> Path:
         for i in range(lang["num_hidden_layers"]):
             for p in ("q_proj", "k_proj", "v_proj", "o_proj"):
                 state[f"language.model.layers.{i}.self_attn.{p}.weight"] = torch.randn(32, 32, generator=gen) * 0.1
-    gen = torch.Generator().manual_seed(2)
-    for name, shape in VL2_FROZEN.items():
-        state[name] = torch.randn(shape, generator=gen)
+    state.update(vl2_vision_weights())
     directory.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in state.items()}, str(directory / "model.safetensors"),
               metadata={"format": "pt"})
     config = {"model_type": "deepseek_vl_v2", "architectures": ["DeepseekVLV2ForCausalLM"],
-              "language_config": lang, "vision_config": {"model_type": "vision", "layers": 1, "width": 16,
-                                                         "patch_size": 4, "image_size": 8},
-              "projector_config": {"model_type": "mlp_projector", "projector_type": "downsample_mlp_gelu",
-                                   "input_dim": 16, "n_embed": 32, "depth": 2, "downsample_ratio": 2},
-              "tile_tag": "2D", "global_view_pos": "head"}
+              "language_config": lang, "vision_config": dict(VL2_VISION), "projector_config": dict(VL2_PROJECTOR),
+              "tile_tag": "2D", "global_view_pos": "head", "candidate_resolutions": VL2_RESOLUTIONS}
     (directory / "config.json").write_text(json.dumps(config, indent=1))
-    save_tokenizer(directory)
+    save_tokenizer(directory, extra_tokens=("<image>",))
     return directory
 
 
-VL2_FROZEN = {"vision.patch_embed.proj.weight": (16, 3, 4, 4), "vision.blocks.0.attn.qkv.weight": (48, 16),
-              "vision.norm.weight": (16,), "projector.layers.0.weight": (32, 64), "projector.layers.2.weight": (32, 32),
-              "image_newline": (32,), "view_seperator": (32,)}
+# Tiny SigLIP (timm names, as VL2's checkpoints store it): 16 px tiles of 4 px patches (a 4x4 grid), width 16,
+# 2 blocks, 2 heads, MLP 32; projector 2x2 downsampling to the LM width 32 (4 tokens per tile).
+VL2_VISION = {"model_name": "siglip_tiny", "image_size": 16, "patch_size": 4, "width": 16, "layers": 2, "heads": 2,
+              "mlp_ratio": 2.0, "global_pool": "map", "ignore_head": True, "class_token": False}
+VL2_PROJECTOR = {"projector_type": "downsample_mlp_gelu", "input_dim": 16, "n_embed": 32, "depth": 2, "mlp_ratio": 1,
+                 "downsample_ratio": 2}
+VL2_RESOLUTIONS = [[16, 16], [16, 32], [32, 16], [32, 32]]
+
+
+def vl2_vision_weights(seed: int = 2) -> dict:
+    """Every ``vision.*`` / ``projector.*`` tensor of VL2's image path (``attn_pool`` included, never run)."""
+    gen = torch.Generator().manual_seed(seed)
+    w, f, p, n = VL2_VISION["width"], int(VL2_VISION["width"] * VL2_VISION["mlp_ratio"]), VL2_VISION["patch_size"], 16
+    d = VL2_PROJECTOR["n_embed"]
+    r = lambda *s, scale=0.3: torch.randn(*s, generator=gen) * scale  # noqa: E731
+    out = {"vision.patch_embed.proj.weight": r(w, 3, p, p), "vision.patch_embed.proj.bias": r(w),
+           "vision.pos_embed": r(1, n, w), "vision.norm.weight": 1 + r(w, scale=0.1), "vision.norm.bias": r(w),
+           "vision.attn_pool.latent": r(1, 1, w), "vision.attn_pool.q.weight": r(w, w), "vision.attn_pool.q.bias": r(w),
+           "vision.attn_pool.kv.weight": r(2 * w, w), "vision.attn_pool.kv.bias": r(2 * w),
+           "vision.attn_pool.proj.weight": r(w, w), "vision.attn_pool.proj.bias": r(w),
+           "vision.attn_pool.norm.weight": 1 + r(w), "vision.attn_pool.norm.bias": r(w),
+           "vision.attn_pool.mlp.fc1.weight": r(f, w), "vision.attn_pool.mlp.fc1.bias": r(f),
+           "vision.attn_pool.mlp.fc2.weight": r(w, f), "vision.attn_pool.mlp.fc2.bias": r(w),
+           "projector.layers.0.weight": r(d, 4 * w), "projector.layers.0.bias": r(d),
+           "projector.layers.2.weight": r(d, d), "projector.layers.2.bias": r(d),
+           "image_newline": r(d, scale=1.0), "view_seperator": r(d, scale=1.0)}
+    for i in range(VL2_VISION["layers"]):
+        b = f"vision.blocks.{i}."
+        out.update({b + "norm1.weight": 1 + r(w, scale=0.1), b + "norm1.bias": r(w), b + "attn.qkv.weight": r(3 * w, w),
+                    b + "attn.qkv.bias": r(3 * w), b + "attn.proj.weight": r(w, w), b + "attn.proj.bias": r(w),
+                    b + "norm2.weight": 1 + r(w, scale=0.1), b + "norm2.bias": r(w), b + "mlp.fc1.weight": r(f, w),
+                    b + "mlp.fc1.bias": r(f), b + "mlp.fc2.weight": r(w, f), b + "mlp.fc2.bias": r(w)})
+    return out
 
 
 def _split_experts(state: dict) -> dict:

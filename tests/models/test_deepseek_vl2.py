@@ -106,3 +106,206 @@ def test_built_model_uses_source_router(tiny_models):
 def test_unmappable_configs_are_input_errors(bad):
     with pytest.raises(InputError):
         language_config({"language_config": dict(BASE, **bad)}, "x")
+
+
+# --- the image path -------------------------------------------------------------------------------
+def reference_image_embeds(state: dict, config: dict, ids, images, mask, crops):
+    """VL2's ``prepare_inputs_embeds`` from the public source, on the checkpoint's own (timm) tensors with
+    plain ops: conv patches + pos_embed, pre-norm blocks with the fused qkv, tanh-GELU MLP, final norm;
+    r x r blocks concatenated channel-major (explicit loops, not unfold); MLP with exact GELU; global grid +
+    newline column, separator, local tiles stitched row-major + newline column; filled in slot order."""
+    import math
+
+    import torch.nn.functional as F
+
+    vc, pc = config["vision_config"], config["projector_config"]
+    w, heads, p, r = vc["width"], vc["heads"], vc["patch_size"], pc["downsample_ratio"]
+    g = lambda k: state[k].float()  # noqa: E731
+
+    def vit(x):
+        x = F.conv2d(x, g("vision.patch_embed.proj.weight"), g("vision.patch_embed.proj.bias"), stride=p)
+        x = x.flatten(2).transpose(1, 2) + g("vision.pos_embed")
+        for i in range(vc["layers"]):
+            b = f"vision.blocks.{i}."
+            y = F.layer_norm(x, (w,), g(b + "norm1.weight"), g(b + "norm1.bias"), 1e-6)
+            qkv = (y @ g(b + "attn.qkv.weight").T + g(b + "attn.qkv.bias")).view(*y.shape[:2], 3, heads, w // heads)
+            q, k, v = qkv.permute(2, 0, 3, 1, 4)
+            att = (q @ k.transpose(-1, -2) * (w // heads) ** -0.5).softmax(-1) @ v
+            x = x + att.transpose(1, 2).reshape(x.shape) @ g(b + "attn.proj.weight").T + g(b + "attn.proj.bias")
+            y = F.layer_norm(x, (w,), g(b + "norm2.weight"), g(b + "norm2.bias"), 1e-6)
+            y = F.gelu(y @ g(b + "mlp.fc1.weight").T + g(b + "mlp.fc1.bias"), approximate="tanh")
+            x = x + y @ g(b + "mlp.fc2.weight").T + g(b + "mlp.fc2.bias")
+        return F.layer_norm(x, (w,), g("vision.norm.weight"), g("vision.norm.bias"), 1e-6)
+
+    def project(x):  # one tile [N, W]
+        h = math.isqrt(x.shape[0])
+        grid = x.view(h, h, w)
+        hp = -(-h // r) * r
+        padded = torch.zeros(hp, hp, w)
+        padded[:h, :h] = grid
+        rows = []
+        for bi in range(hp // r):
+            for bj in range(hp // r):
+                rows.append(torch.stack([padded[bi * r + ki, bj * r + kj, c] for c in range(w)
+                                         for ki in range(r) for kj in range(r)]))
+        y = F.gelu(torch.stack(rows) @ g("projector.layers.0.weight").T + g("projector.layers.0.bias"))
+        return y @ g("projector.layers.2.weight").T + g("projector.layers.2.bias")
+
+    embeds = g("language.model.embed_tokens.weight")[ids]
+    newline, sep = g("image_newline"), g("view_seperator")
+    for b in range(ids.shape[0]):
+        tile, values = 0, []
+        for nw, nh in crops[b].tolist():
+            if not nw or not nh:
+                break
+            feats = [project(t) for t in vit(images[b, tile:tile + 1 + nw * nh].float())]
+            tile += 1 + nw * nh
+            h = math.isqrt(feats[0].shape[0])
+            for y in range(h):
+                values += [feats[0][y * h + x] for x in range(h)] + [newline]
+            values.append(sep)
+            for ty in range(nh):
+                for y in range(h):
+                    for tx in range(nw):
+                        values += [feats[1 + ty * nw + tx][y * h + x] for x in range(h)]
+                    values.append(newline)
+        slots = mask[b].nonzero().flatten().tolist()
+        assert len(slots) == len(values)
+        for s, v in zip(slots, values):
+            embeds[b, s] = v
+    return embeds
+
+
+def vl2_sample(directory, sizes=((37, 20),), text=None, seed=0):
+    import numpy as np
+    from PIL import Image
+    from transformers import AutoTokenizer
+
+    from mopeq.models import read_config
+    from mopeq.models.deepseek_vl2_vision import encode
+
+    rng = np.random.RandomState(seed)
+    images = [Image.fromarray((rng.rand(h, w, 3) * 255).astype(np.uint8)) for w, h in sizes]
+    text = text or "".join("<image>\n" for _ in sizes) + "what is shown? a cat"
+    return encode(text, images, AutoTokenizer.from_pretrained(directory), read_config(directory))
+
+
+def test_image_path_matches_public_source(tiny_models):
+    from safetensors.torch import load_file
+
+    from mopeq.models import open_model, read_config
+    from mopeq.models.deepseek_vl2_vision import image_embeds
+
+    directory = tiny_models["deepseek_vl2"]
+    loaded = open_model(directory)
+    for sizes in [((37, 20),), ((16, 16), (40, 70))]:  # 2x2 tiles; 1x1 and 2x2 tiles of one prompt
+        b = vl2_sample(directory, sizes)
+        with torch.no_grad():
+            got = image_embeds(loaded.model, b["input_ids"], b["images"], b["images_seq_mask"], b["images_spatial_crop"])
+        want = reference_image_embeds(load_file(directory / "model.safetensors"), read_config(directory),
+                                      b["input_ids"], b["images"], b["images_seq_mask"], b["images_spatial_crop"])
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+        with torch.no_grad():
+            with_images = loaded.adapter.forward(b)
+            text_only = loaded.adapter.forward({"input_ids": b["input_ids"]})
+            via_embeds = loaded.model.language(inputs_embeds=want, use_cache=False).logits
+        torch.testing.assert_close(with_images, via_embeds, rtol=1e-4, atol=1e-4)
+        assert (with_images - text_only).abs().max() > 1e-2  # the image reaches the logits
+
+
+def test_processor_tiles_and_token_counts(tiny_models):
+    from mopeq.models.deepseek_vl2_vision import select_best_resolution, tokens_per_image
+
+    cands = [(16, 16), (16, 32), (32, 16), (32, 32)]
+    assert select_best_resolution((37, 20), cands) == (32, 32)  # keeps 32x17 px of 740
+    assert select_best_resolution((10, 40), cands) == (16, 32)  # same 8x32 px as 32x32, less waste
+    assert select_best_resolution((8, 8), cands) == (16, 16)
+    # 4x4 patch grid, 2x2 downsampling -> h = w = 2; real VL2: 384/14 -> 27 -> 14, 421 tokens for 1x1 tiles
+    assert tokens_per_image(16, 4, 2, 2, 2) == 2 * 3 + 1 + 4 * 5
+    assert tokens_per_image(384, 14, 2, 1, 1) == 421
+    directory = tiny_models["deepseek_vl2"]
+    b = vl2_sample(directory, ((37, 20),))
+    assert b["images"].shape == (1, 5, 3, 16, 16) and b["images_spatial_crop"].tolist() == [[[2, 2]]]
+    assert int(b["images_seq_mask"].sum()) == 27
+    three = vl2_sample(directory, ((37, 20), (40, 70), (16, 16)))  # more than two images: no cropping
+    assert three["images_spatial_crop"].tolist() == [[[1, 1], [1, 1], [1, 1]]]
+    assert int(three["images_seq_mask"].sum()) == 3 * tokens_per_image(16, 4, 2, 1, 1)
+    with pytest.raises(InputError, match="placeholders"):
+        vl2_sample(directory, ((37, 20),), text="no image here")
+
+
+def _calib_folder(folder, n=6):
+    import json as js
+
+    import numpy as np
+    from PIL import Image
+
+    folder.mkdir()
+    rng = np.random.RandomState(3)
+    with open(folder / "index.jsonl", "w") as f:
+        for i in range(n):
+            w, h = int(rng.randint(8, 48)), int(rng.randint(8, 48))
+            Image.fromarray((rng.rand(h, w, 3) * 255).astype(np.uint8)).save(folder / f"{i}.png")
+            f.write(js.dumps({"image": f"{i}.png", "question": "what is it?", "answer": "a cat" if i % 2 else "a dog"}) + "\n")
+    return folder
+
+
+def test_image_calibration_profile_compile_run(tiny_models, tmp_path):
+    """profile on image+question batches -> plan -> compile -> load -> run with images, 8 bits close to float."""
+    from transformers import AutoTokenizer
+
+    from mopeq.compiler.artifact import compile_artifact
+    from mopeq.models import open_model, read_config
+    from mopeq.planner import load_spec, make_plan
+    from mopeq.profiler.calibration import image_folder_batches, summary
+    from mopeq.profiler.profile import profile_model
+    from mopeq.runtime.load import load
+
+    from .test_families import SPEC, snr_db
+
+    directory = tiny_models["deepseek_vl2"]
+    loaded = open_model(directory)
+    batches = image_folder_batches(_calib_folder(tmp_path / "calib"), read_config(directory),
+                                   tokenizer=AutoTokenizer.from_pretrained(directory))
+    assert len(batches) == 2 and all(b["images"].dim() == 5 for b in batches)
+    info = summary(batches, "calib")
+    profile = profile_model(loaded, batches, info, bits=(8,), group_size=32, progress=False)
+    assert set(profile.meta.calibration["tokens_by_modality"]) == {"image"}
+    assert sum(e.tokens for e in profile.experts if not e.shared) == 2 * sum(b["input_ids"].numel() for b in batches)
+    (tmp_path / "spec.yaml").write_text(SPEC)
+    artifact = compile_artifact(directory, make_plan(load_spec(tmp_path / "spec.yaml"), profile), tmp_path / "a",
+                                progress=False)
+    quantized = load(artifact)
+    b = vl2_sample(directory, ((40, 70),), seed=5)
+    with torch.no_grad():
+        ref, out = loaded.adapter.forward(b), quantized.adapter.forward(b)
+    assert snr_db(ref, out) >= 25
+
+
+def test_partial_vision_checkpoint_names_the_missing_tensor(tiny_models, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from mopeq.models import open_model
+
+    directory = tmp_path / "vl2"
+    shutil.copytree(tiny_models["deepseek_vl2"], directory)
+    state = load_file(directory / "model.safetensors")
+    del state["vision.blocks.1.attn.qkv.weight"]
+    save_file(state, str(directory / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(InputError, match=r"tensor vision\.blocks\.1\.attn\.qkv\.weight missing from the checkpoint"):
+        open_model(directory)
+
+
+@pytest.mark.parametrize("bad,match", [({"projector_config": {"projector_type": "linear"}}, "projector_type"),
+                                       ({"vision_config": {"class_token": True}}, "class_token"),
+                                       ({"tile_tag": "1D"}, "tile_tag")])
+def test_unsupported_vision_configs_are_input_errors(bad, match):
+    from mopeq.models.deepseek_vl2_vision import vision_settings
+
+    config = {"vision_config": {"width": 16}, "projector_config": {"input_dim": 16}}
+    for key, value in bad.items():
+        config[key] = {**config[key], **value} if isinstance(value, dict) else value
+    with pytest.raises(InputError, match=match):
+        vision_settings(config, "x")
