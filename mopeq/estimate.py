@@ -97,7 +97,16 @@ def non_expert_params(cfg: dict, config: dict, dense_layers: int) -> int:
     dense_mlp = 3 * h * int(cfg.get("intermediate_size") or 0) * dense_layers
     routers = (layers - dense_layers) * h * _first(cfg, EXPERT_COUNT_KEYS, "config")
     embeddings = vocab * h * (1 if cfg.get("tie_word_embeddings") or cfg.get("weight_tying") else 2)
-    return embeddings + layers * attention + dense_mlp + routers + int(config.get("_mopeq_vision_params", 0))
+    return embeddings + layers * attention + dense_mlp + routers + _vision_params(config)
+
+
+def _vision_params(config: dict) -> int:
+    """DeepSeek-VL2: counted from its vision/projector config; others: the config's ``_mopeq_vision_params``."""
+    if config.get("model_type") == "deepseek_vl_v2" and "vision_config" in config:
+        from .models.deepseek_vl2_vision import vision_params
+
+        return vision_params(config)
+    return int(config.get("_mopeq_vision_params", 0))
 
 
 def synthetic_profile(shape: MoEShape, model_id: str, config: dict, bits: list[int], group_size: int,

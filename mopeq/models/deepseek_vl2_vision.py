@@ -73,6 +73,22 @@ def vision_settings(config: dict, where: Path) -> tuple[dict, dict]:
     return vc, pc
 
 
+def vision_params(config: dict) -> int:
+    """Parameters of VL2's image path from its config alone: encoder, ``attn_pool`` head (stored, never run)
+    when ``global_pool`` is ``map``, projector, ``image_newline`` and ``view_seperator``."""
+    vc, pc = vision_settings(config, Path("."))
+    w, f, p = vc["width"], int(vc["width"] * vc["mlp_ratio"]), vc["patch_size"]
+    n = (vc["image_size"] // p) ** 2
+    mlp = 2 * f * w + f + w
+    block = 4 * w + (3 * w * w + 3 * w) + (w * w + w) + mlp
+    encoder = (3 * p * p * w + w) + n * w + vc["layers"] * block + 2 * w
+    head = w + (w * w + w) + (2 * w * w + 2 * w) + (w * w + w) + 2 * w + mlp if vc.get("global_pool", "map") == "map" else 0
+    r, hidden, d = pc["downsample_ratio"], pc["n_embed"] * pc["mlp_ratio"], pc["n_embed"]
+    projector = (pc["input_dim"] * r * r * hidden + hidden) + max(pc["depth"] - 2, 0) * (hidden * hidden + hidden) \
+        + (hidden * d + d)
+    return encoder + head + projector + 2 * d
+
+
 def siglip_config(vc: dict):
     from transformers import SiglipVisionConfig
 

@@ -309,3 +309,16 @@ def test_unsupported_vision_configs_are_input_errors(bad, match):
         config[key] = {**config[key], **value} if isinstance(value, dict) else value
     with pytest.raises(InputError, match=match):
         vision_settings(config, "x")
+
+
+def test_vision_param_count_from_config_matches_the_checkpoint(tiny_models):
+    """``mopeq estimate`` counts the image path from the config: equal to every non-language checkpoint tensor."""
+    from safetensors import safe_open
+
+    from mopeq.models import read_config
+    from mopeq.models.deepseek_vl2_vision import vision_params
+
+    directory = tiny_models["deepseek_vl2"]
+    with safe_open(str(directory / "model.safetensors"), "pt") as f:
+        stored = sum(int(torch.tensor(f.get_slice(k).get_shape()).prod()) for k in f.keys() if not k.startswith("language."))
+    assert vision_params(read_config(directory)) == stored
