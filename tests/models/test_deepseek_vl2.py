@@ -223,6 +223,8 @@ def test_processor_tiles_and_token_counts(tiny_models):
     # 4x4 patch grid, 2x2 downsampling -> h = w = 2; real VL2: 384/14 -> 27 -> 14, 421 tokens for 1x1 tiles
     assert tokens_per_image(16, 4, 2, 2, 2) == 2 * 3 + 1 + 4 * 5
     assert tokens_per_image(384, 14, 2, 1, 1) == 421
+    # the counts visionsqueezer.com/providers/deepseek restates from VL2's tokenize_with_images: 2x2 and 3x3 tiles
+    assert tokens_per_image(384, 14, 2, 2, 2) == 1023 and tokens_per_image(384, 14, 2, 3, 3) == 2017
     directory = tiny_models["deepseek_vl2"]
     b = vl2_sample(directory, ((37, 20),))
     assert b["images"].shape == (1, 5, 3, 16, 16) and b["images_spatial_crop"].tolist() == [[[2, 2]]]
