@@ -158,7 +158,7 @@ def cmd_profile(args) -> None:
         batches = demo_batches(config)
     elif Path(calib).is_dir():
         tokenizer = None if config["model_type"] == "mopeq_demo_vlm" else _tokenizer(directory)
-        batches = image_folder_batches(Path(calib), config, tokenizer=tokenizer)
+        batches = image_folder_batches(Path(calib), config, tokenizer=tokenizer, directory=directory)
     else:
         batches = text_file_batches(Path(calib), _tokenizer(directory))
     info = summary(batches, str(calib))

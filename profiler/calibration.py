@@ -81,7 +81,8 @@ def read_texts(path: Path) -> list[str]:
 def batches_hash(batches: list[dict]) -> str:
     h = hashlib.sha256()
     for b in batches:
-        for key in ("input_ids", "labels", "images", "images_seq_mask", "images_spatial_crop"):
+        for key in ("input_ids", "labels", "images", "images_seq_mask", "images_spatial_crop", "image_masks",
+                    "image_input_idx"):
             if b.get(key) is not None:
                 h.update(b[key].contiguous().numpy().tobytes())
     return h.hexdigest()[:16]
@@ -99,13 +100,14 @@ def summary(batches: list[dict], source: str) -> dict:
 IMAGE_INDEX = "index.jsonl"
 
 
-def image_folder_batches(folder: Path, config: dict, batch: int = 16, tokenizer=None) -> list[dict]:
-    """Image+question+answer batches from ``folder/index.jsonl``, for the demo VLM or DeepSeek-VL2.
+def image_folder_batches(folder: Path, config: dict, batch: int = 16, tokenizer=None,
+                         directory: Path | None = None) -> list[dict]:
+    """Image+question+answer batches from ``folder/index.jsonl``, for the demo VLM, DeepSeek-VL2 or MolmoE.
 
     Each line: ``{"image": "relative/path", "question": "...", "answer": "..."}``. Demo: 8x8 ``.npy``
     arrays with values in [0, 1], or PNGs (converted to grey, resized to 8x8, scaled to [0, 1]).
-    DeepSeek-VL2 (needs ``tokenizer``): any RGB image PIL reads, tiled by VL2's processor
-    (``vl2_batches``).
+    DeepSeek-VL2 and MolmoE (need ``tokenizer``; MolmoE also the model ``directory``): any RGB image PIL
+    reads, tiled by the model's own processor (``vl2_batches``, ``molmo_batches``).
     """
     from ..demo.data import vqa_batch
     from ..demo.model import DemoConfig
@@ -113,9 +115,11 @@ def image_folder_batches(folder: Path, config: dict, batch: int = 16, tokenizer=
     folder = Path(folder)
     if config.get("model_type") == "deepseek_vl_v2":
         return vl2_batches(folder, config, tokenizer, batch=min(batch, 4))
+    if config.get("model_type") in ("molmo", "molmoe"):
+        return molmo_batches(folder, config, tokenizer, Path(directory))
     if config.get("model_type") != "mopeq_demo_vlm":
-        raise InputError(f"{folder}: image calibration folders are supported for the demo VLM and DeepSeek-VL2, "
-                         f"not model_type {config.get('model_type')!r}")
+        raise InputError(f"{folder}: image calibration folders are supported for the demo VLM, DeepSeek-VL2 and "
+                         f"MolmoE, not model_type {config.get('model_type')!r}")
     records = _image_records(folder)
     images = torch.stack([load_image(folder / r["image"], where) for where, r in records])
     ids, labels, imgs = vqa_batch(DemoConfig.from_dict(config), images, [r["question"] for _, r in records],
@@ -154,6 +158,40 @@ def vl2_batches(folder: Path, config: dict, tokenizer, batch: int = 4) -> list[d
                                          for g in group]),
                     "images_spatial_crop": torch.cat([g["images_spatial_crop"] for g in group]),
                     "modality": "image"})
+    return out
+
+
+def molmo_batches(folder: Path, config: dict, tokenizer, directory: Path) -> list[dict]:
+    """MolmoE batches, one image each (crop counts differ): BOS, the image tokens of MolmoE's processor
+    (``molmo_image_inputs``: global view + overlapping crops, up to ``max_crops`` from config.json, default
+    12, margins ``overlap_margins``, default [4, 4]), then `` User: {question} Assistant: {answer}``.
+    Labels are the next token at every position whose next token is text."""
+    import numpy as np
+
+    from ..models.checkpoint import header
+    from ..models.molmo_vision import image_token_ids, molmo_image_inputs, vision_geometry
+    from ..models.molmoe import geometry, normalise
+
+    tensors = header(directory)
+    cfg = normalise(config, tensors)
+    g = vision_geometry(cfg, tensors, geometry(cfg, directory / "config.json")["d"], directory)
+    if g is None:
+        raise InputError(f"{directory}: no model.vision_backbone.* tensors: this MolmoE checkpoint runs text only")
+    ids = image_token_ids(cfg, tokenizer)
+    special = torch.tensor(sorted(ids.values()))
+    bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    margins = tuple(int(m) for m in config.get("overlap_margins", (4, 4)))
+    out = []
+    for where, r in _image_records(folder):
+        pixels = np.asarray(load_rgb(folder / r["image"], where))
+        suffix = tokenizer.encode(f" User: {r['question']} Assistant: {r['answer']}", add_special_tokens=False)
+        b = molmo_image_inputs(pixels, ids, base=g.grid * g.patch, patch=g.patch, margins=margins,
+                               max_crops=int(config.get("max_crops", 12)), prefix=[] if bos is None else [bos],
+                               suffix=suffix)
+        labels = torch.full_like(b["input_ids"], -100)
+        following = b["input_ids"][:, 1:]
+        labels[:, :-1] = torch.where(torch.isin(following, special), -100, following)
+        out.append(dict(b, labels=labels, modality="image"))
     return out
 
 

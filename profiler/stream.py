@@ -143,9 +143,9 @@ class LayerStreamer:
 
     # --- running -------------------------------------------------------------------------------------
     def embed(self, batch: dict) -> torch.Tensor:
-        if batch.get("images_spatial_crop") is not None:  # DeepSeek-VL2 tiles: the SigLIP tower is not streamed
-            raise InputError(f"{self.directory}: layer-streamed profiling runs DeepSeek-VL2 on text only; "
-                             f"profile image calibration in memory (drop --resume / raise --max-memory)")
+        if batch.get("images") is not None and not hasattr(self.model, "embed"):  # VL2 / MolmoE: tower not streamed
+            raise InputError(f"{self.directory}: layer-streamed profiling runs this model on text only; profile "
+                             f"image calibration in memory (drop --resume / raise --max-memory)")
         if hasattr(self.model, "embed"):
             return self.model.embed(batch["input_ids"], batch.get("images"))  # the demo VLM
         return self.core().embed_tokens(batch["input_ids"])

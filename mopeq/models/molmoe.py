@@ -59,10 +59,15 @@ Two on-disk layouts are public, both under ``model.transformer.`` and both read 
 
 mopeq runs the **language model** as transformers' ``OlmoeForCausalLM`` under ``language.`` (vocab =
 ``embedding_size + additional_vocab_size`` so every id embeds; the logits of the ``additional`` ids are
-pinned to the dtype minimum because MolmoE's head never produces them). ``model.vision_backbone.*``
-(ViT + connector) stays frozen under its checkpoint names, never quantized, copied byte for byte.
-Calibration and ``mopeq run`` are **text-only**. ``clip_qkv`` (null in MolmoE) is refused: OLMo clips
-before the QK norm, transformers' OLMoE after it.
+pinned to the dtype minimum because MolmoE's head never produces them). When the checkpoint holds the
+whole ``model.vision_backbone.*`` (ViT + pooling + projector + ``pad_embed``), it is rebuilt as
+:class:`~mopeq.models.molmo_vision.MolmoVisionBackbone` under ``model.vision_backbone`` and
+``MolmoeText.forward(input_ids, images, image_masks, image_input_idx)`` adds the image features to the
+``<im_patch>`` token embeddings as ``MolmoModel.forward`` does (``molmo_vision.molmo_image_inputs`` makes
+those inputs); without those tensors the model is text-only, and a partial set is refused. Vision tensors
+are never quantized and are copied byte for byte. ``input_ids`` of -1 are padding, as in the remote code:
+embedded as id 0, masked out of attention, positions counted over the real tokens only. ``clip_qkv`` (null
+in MolmoE) is refused: OLMo clips before the QK norm, transformers' OLMoE after it.
 """
 
 from __future__ import annotations
@@ -77,6 +82,7 @@ from ..schemas import InputError
 from .base import DiskTensor, ExpertRef, LanguageAdapter
 from .checkpoint import TextOnlyWrapper, attach_frozen, header, load_into, read_state
 from .layouts import megablocks
+from .molmo_vision import VISION, MolmoVisionBackbone, VisionGeometry, add_image_features, memory_key, vision_geometry
 
 ROOT = "model.transformer."
 BLOCKS = ROOT + "blocks"
@@ -200,16 +206,60 @@ class MaskedHead(nn.Linear):
 
 
 class MolmoeText(TextOnlyWrapper):
-    """``language`` (transformers' OLMoE LM) plus frozen ``model.vision_backbone.*`` tensors."""
+    """``language`` (transformers' OLMoE LM), ``model.vision_backbone`` when the checkpoint has one."""
 
-    def __init__(self, lang_config, embed: int, extra: int, frozen: dict):
+    def __init__(self, lang_config, embed: int, extra: int, frozen: dict, vision: VisionGeometry | None = None):
         super().__init__()
         from transformers import OlmoeForCausalLM
 
         self.language = OlmoeForCausalLM(lang_config)
         self.language.lm_head = MaskedHead(lang_config.hidden_size, embed, extra)
+        if vision is not None:
+            self.model = nn.Module()
+            self.model.vision_backbone = MolmoVisionBackbone(vision)
         attach_frozen(self, frozen)
         self.config = lang_config
+
+    def forward(self, input_ids=None, images=None, image_masks=None, image_input_idx=None, **kwargs):
+        """Logits; with ``images`` ``[B, T, G*G, P*P*3]`` the image features are added at ``image_input_idx``."""
+        if input_ids is None:
+            return self.language(**kwargs)
+        input_ids = _padding(input_ids, kwargs)
+        if images is None:
+            return self.language(input_ids=input_ids, **kwargs)
+        return self.language(inputs_embeds=self.image_embeddings(input_ids, images, image_masks, image_input_idx),
+                             **kwargs)
+
+    def generate(self, input_ids=None, images=None, image_masks=None, image_input_idx=None, **kwargs):
+        if images is None:
+            return self.language.generate(input_ids, **kwargs)
+        embeds = self.image_embeddings(input_ids, images, image_masks, image_input_idx)
+        return self.language.generate(input_ids=input_ids, inputs_embeds=embeds, **kwargs)
+
+    def image_embeddings(self, input_ids, images, image_masks, image_input_idx) -> torch.Tensor:
+        """``wte(input_ids)`` ``[B, L, d]`` plus the vision backbone's features at ``image_input_idx``."""
+        vision = getattr(getattr(self, "model", None), "vision_backbone", None)
+        if not isinstance(vision, MolmoVisionBackbone):
+            raise InputError("images: this MolmoE checkpoint has no model.vision_backbone.* tensors; run it text-only")
+        if image_masks is None or image_input_idx is None:
+            raise InputError("images: image_masks and image_input_idx are required with images (molmo_image_inputs)")
+        features = vision(images, image_masks)  # [B, T, (G/2)^2, d]
+        if tuple(image_input_idx.shape) != tuple(features.shape[:3]):
+            raise InputError(f"image_input_idx: shape {tuple(image_input_idx.shape)}, expected "
+                             f"{tuple(features.shape[:3])} (batch, crops, pooled features per crop)")
+        embeds = self.language.get_input_embeddings()(input_ids.clamp(min=0))
+        return add_image_features(embeds, features, image_input_idx)
+
+
+def _padding(input_ids: torch.Tensor, kwargs: dict) -> torch.Tensor:
+    """Id -1 is padding (``MolmoModel.forward``): embed id 0, mask it, count positions over real tokens."""
+    pad = input_ids == -1
+    if not bool(pad.any()):
+        return input_ids
+    keep = (~pad).long()
+    kwargs.setdefault("attention_mask", keep)
+    kwargs.setdefault("position_ids", (keep.cumsum(-1) - 1).clamp(min=0))
+    return input_ids.masked_fill(pad, 0)
 
 
 def layout(keys) -> str:
@@ -230,10 +280,15 @@ ATTN = {"att_proj.weight", "att_proj.bias", "attn_out.weight", "attn_out.bias", 
 
 
 class MolmoeAdapter(LanguageAdapter):
-    """MolmoE: OLMoE blocks under ``language.model.layers``; text-only forward; no shared experts."""
+    """MolmoE: OLMoE blocks under ``language.model.layers``; text or image+text forward; no shared experts."""
 
     family = "molmo"
     shared_attr = None
+
+    def forward(self, batch: dict) -> torch.Tensor:
+        """Logits; ``images``/``image_masks``/``image_input_idx`` go to the vision path when the batch has them."""
+        extra = {k: batch[k] for k in ("images", "image_masks", "image_input_idx") if batch.get(k) is not None}
+        return self.model(input_ids=batch["input_ids"], use_cache=False, **extra).logits
 
     # --- disk ------------------------------------------------------------------------------------
     def layer_disk_prefix(self, layer: int) -> str:
@@ -266,8 +321,9 @@ class MolmoeAdapter(LanguageAdapter):
         config = normalise(config, tensors)
         g = geometry(config, where / "config.json")
         _check_experts(g, tensors, where / "config.json")
-        frozen = {k: v for k, v in tensors.items() if not k.startswith(LM_KEYS)}
-        model = MolmoeText(olmoe_config(config, where / "config.json"), g["embed"], g["extra"], frozen)
+        vision = vision_geometry(config, tensors, g["d"], where)
+        frozen = {k: v for k, v in tensors.items() if not k.startswith(LM_KEYS) and not k.startswith(VISION)}
+        model = MolmoeText(olmoe_config(config, where / "config.json"), g["embed"], g["extra"], frozen, vision)
         model.rope_impl = g["interleaved"]
         model.tied = g["tied"]
         return model
@@ -313,7 +369,7 @@ def to_memory(tensors: dict[str, torch.Tensor], cfg, interleaved: bool) -> dict[
             continue
         match = BLOCK_KEY.match(key)
         if match is None:
-            out[key] = value  # vision backbone / connector: frozen under its own name
+            out[memory_key(key)] = value  # vision backbone: its module's name (ViT resblocks renamed)
             continue
         i, rest = int(match[1]), match[2]
         rest = rest.removeprefix("attn.") if rest.removeprefix("attn.") in ATTN else rest

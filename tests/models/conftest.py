@@ -208,7 +208,14 @@ MOLMOE_CONFIG = {"model_type": "molmo", "architectures": ["MolmoForCausalLM"], "
                  "layer_norm_type": "rms", "layer_norm_eps": 1e-5, "attention_layer_norm": True, "clip_qkv": None,
                  "include_bias": False, "bias_for_layer_norm": False, "max_sequence_length": 512,
                  "max_position_embeddings": 512, "use_position_ids": True,
-                 "vision_backbone": {"image_model_type": "openai", "image_emb_dim": 16, "image_num_layers": 1}}
+                 "vision_backbone": {"image_model_type": "openai", "image_default_input_size": [16, 16],
+                                     "image_patch_size": 2, "image_emb_dim": 16, "image_num_heads": 2,
+                                     "image_num_key_value_heads": 2, "image_head_dim": 8, "image_num_layers": 9,
+                                     "image_mlp_dim": 32, "image_mlp_activations": "quick_gelu", "image_num_pos": 65,
+                                     "image_norm_eps": 1e-5},
+                 "vit_layers": [-2, -9], "image_pooling_h": 2, "image_pooling_w": 2,
+                 "image_pooling_2d": "attention-meanq", "image_projector": "mlp",
+                 "image_padding_embed": "pad_and_partial_pad", "use_cls_feature": False}
 # The same tiny model in the published allenai/MolmoE-1B-0924 config.json dialect (HF key names, model_type
 # "molmoe", MOLMoEForCausalLM, auto_map to the remote config_molmoe.MolmoeConfig). The real file has no
 # expert-count keys (64 / top-8 come from MolmoeConfig's defaults); this tiny one names num_experts /
@@ -222,11 +229,38 @@ MOLMOE_HF_CONFIG = {"architectures": ["MOLMoEForCausalLM"],
                     "qkv_bias": False, "rope_theta": 10000.0, "clip_qkv": None, "tie_word_embeddings": False,
                     "weight_tying": False, "use_position_ids": True, "torch_dtype": "float32",
                     "num_experts": 4, "num_experts_per_tok": 2}
-MOLMOE_FROZEN = {"model.vision_backbone.image_vit.patch_embedding.weight": (16, 48),
-                 "model.vision_backbone.image_vit.transformer.resblocks.0.attention.wq.weight": (16, 16),
-                 "model.vision_backbone.image_pooling_2d.wq.weight": (16, 16),
-                 "model.vision_backbone.image_projector.w1.weight": (16, 16),
-                 "model.vision_backbone.pad_embed": (2, 16)}
+# A tiny, consistent MolmoE vision backbone in the real checkpoint names: ViT width 16, 9 resblocks (so that
+# vit_layers [-2, -9] are real layers), MLP 32, 2x2-pixel patches on an 8 x 8 grid (16-pixel crops),
+# projector hidden 24 -> d_model 32. MOLMOE_CONFIG names its sizes (2 heads of 8); MOLMOE_HF_CONFIG does not.
+MOLMOE_VISION = dict(width=16, layers=9, mlp=32, patch=2, grid=8, projector=24)
+
+
+def molmoe_vision_weights(seed: int = 2) -> dict:
+    """Every ``model.vision_backbone.*`` tensor of the tiny backbone (``MOLMOE_VISION``), random but well scaled."""
+    gen = torch.Generator().manual_seed(seed)
+    v, c = MOLMOE_VISION, 2 * MOLMOE_VISION["width"]  # two ViT layers concatenated
+    w, f = v["width"], v["mlp"]
+    r = lambda *s, scale=0.3: torch.randn(*s, generator=gen) * scale  # noqa: E731
+    vit, out = "model.vision_backbone.image_vit.", {}
+    out.update({vit + "class_embedding": r(w), vit + "positional_embedding": r(1 + v["grid"] ** 2, w),
+                vit + "patch_embedding.weight": r(w, v["patch"] ** 2 * 3), vit + "pre_ln.weight": 1 + r(w, scale=0.1),
+                vit + "pre_ln.bias": r(w, scale=0.1)})
+    for i in range(v["layers"]):
+        p = f"{vit}transformer.resblocks.{i}."
+        for m in ("wq", "wk", "wv", "wo"):
+            out.update({f"{p}attention.{m}.weight": r(w, w), f"{p}attention.{m}.bias": r(w, scale=0.1)})
+        out.update({p + "feed_forward.w1.weight": r(f, w), p + "feed_forward.w1.bias": r(f, scale=0.1),
+                    p + "feed_forward.w2.weight": r(w, f), p + "feed_forward.w2.bias": r(w, scale=0.1)})
+        for norm in ("attention_norm", "ffn_norm"):
+            out.update({f"{p}{norm}.weight": 1 + r(w, scale=0.1), f"{p}{norm}.bias": r(w, scale=0.1)})
+    pool, proj = "model.vision_backbone.image_pooling_2d.", "model.vision_backbone.image_projector."
+    for m in ("wq", "wk", "wv"):
+        out.update({f"{pool}{m}.weight": r(w, c), f"{pool}{m}.bias": r(w, scale=0.1)})
+    out.update({pool + "wo.weight": r(w, w), pool + "wo.bias": r(w, scale=0.1),
+                proj + "w1.weight": r(v["projector"], w), proj + "w3.weight": r(v["projector"], w),
+                proj + "w2.weight": r(MOLMOE_CONFIG["d_model"], v["projector"]),
+                "model.vision_backbone.pad_embed": r(2, c)})
+    return out
 
 
 def molmoe_weights(seed: int = 0) -> dict:
@@ -273,12 +307,13 @@ def hf_layout(w: dict) -> dict:
 
 
 def build_molmoe(directory: Path, megablocks: bool = True, rope_impl: str | None = None,
-                 hf_config: bool = False) -> Path:
-    """A tiny MolmoE directory; ``hf_config`` writes the published (HF-key, ``molmoe``) config.json dialect."""
+                 hf_config: bool = False, vision: bool = True) -> Path:
+    """A tiny MolmoE directory; ``hf_config`` writes the published (HF-key, ``molmoe``) config.json dialect;
+    ``vision`` adds the tiny vision backbone (``molmoe_vision_weights``)."""
     w = molmoe_weights()
     state = w if megablocks else hf_layout(w)
-    gen = torch.Generator().manual_seed(2)
-    state.update({k: torch.randn(s, generator=gen) for k, s in MOLMOE_FROZEN.items()})
+    if vision:
+        state.update(molmoe_vision_weights())
     directory.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in state.items()}, str(directory / "model.safetensors"),
               metadata={"format": "pt"})

@@ -324,3 +324,14 @@ def test_vision_param_count_from_config_matches_the_checkpoint(tiny_models):
     with safe_open(str(directory / "model.safetensors"), "pt") as f:
         stored = sum(int(torch.tensor(f.get_slice(k).get_shape()).prod()) for k in f.keys() if not k.startswith("language."))
     assert vision_params(read_config(directory)) == stored
+
+
+def test_layer_streamed_profiling_refuses_image_batches(tiny_models):
+    from mopeq.profiler.stream import LayerStreamer
+
+    directory = tiny_models["deepseek_vl2"]
+    streamer = LayerStreamer(directory)
+    b = vl2_sample(directory)
+    assert streamer.embed({"input_ids": b["input_ids"]}).shape[:2] == b["input_ids"].shape
+    with pytest.raises(InputError, match="text only"):
+        streamer.embed(b)

@@ -19,10 +19,13 @@ from mopeq.profiler.profile import profile_model
 from mopeq.runtime.load import load
 
 from mopeq.models import ADAPTERS, skeleton
+from mopeq.models.molmo_vision import image_token_ids, molmo_image_inputs, select_tiling
 from mopeq.models.molmoe import MolmoeAdapter, geometry
 from mopeq.schemas import InputError
 
-from .conftest import MOLMOE_CONFIG, MOLMOE_HF_CONFIG, VOCAB, build_molmoe, molmoe_weights
+from .conftest import (MOLMOE_CONFIG, MOLMOE_HF_CONFIG, MOLMOE_VISION, VOCAB, build_molmoe, molmoe_vision_weights,
+                       molmoe_weights)
+from .molmoe_vision import image_embeddings, image_features
 from .test_families import SPEC, calibration, snr_db
 
 E, INTER, D = MOLMOE_CONFIG["moe_num_experts"], MOLMOE_CONFIG["d_model"] // 2, MOLMOE_CONFIG["d_model"]
@@ -47,11 +50,12 @@ def rope(x, interleaved: bool, theta=10000.0):
     return x * pos.cos() + rot * pos.sin()
 
 
-def reference_logits(w: dict, ids: torch.Tensor, interleaved: bool = False) -> torch.Tensor:
+def reference_logits(w: dict, ids: torch.Tensor, interleaved: bool = False, embeds=None) -> torch.Tensor:
     """MolmoE's LM forward written from the public source (olmo/model.py, modeling_molmoe.py), megablocks names."""
     heads, hd = MOLMOE_CONFIG["n_heads"], D // MOLMOE_CONFIG["n_heads"]
-    x = F.embedding(ids, torch.cat([w["model.transformer.wte.embedding"], w["model.transformer.wte.new_embedding"]]))
-    b, t = ids.shape
+    x = F.embedding(ids, torch.cat([w["model.transformer.wte.embedding"], w["model.transformer.wte.new_embedding"]])) \
+        if embeds is None else embeds
+    b, t = x.shape[:2]
     for i in range(MOLMOE_CONFIG["n_layers"]):
         p = f"model.transformer.blocks.{i}."
         q, k, v = (rms(x, w[p + "attn_norm.weight"]) @ w[p + "att_proj.weight"].t()).split([D, D, D], -1)
@@ -181,3 +185,218 @@ def test_estimate_from_a_published_style_config(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(config))
     result = estimate(str(tmp_path), Path(__file__).resolve().parents[2] / "specs" / "molmoe.yaml")
     assert (result["moe_layers"], result["experts_per_layer"], result["top_k"]) == (16, 64, 8)
+
+
+# --- the image path ---------------------------------------------------------------------------------------
+# Tiny geometry: 16-pixel crops of 2-pixel patches (G = 8, pooled 4 x 4), margins of 2 patches (window 8 px).
+TINY = dict(base=16, patch=2, max_crops=6, margins=(2, 2))
+VIT_HEADS = MOLMOE_CONFIG["vision_backbone"]["image_num_heads"]
+
+
+def image_batch(seed: int = 0, prompt=(10, 11, 12, 13)) -> dict:
+    """Two 20 x 28 images (2 x 3 tiles + the global crop each) after a BOS, the prompt after them."""
+    gen = torch.Generator().manual_seed(seed)
+    ids = image_token_ids(MOLMOE_CONFIG)
+    one = [molmo_image_inputs(torch.randint(0, 256, (20, 28, 3), generator=gen, dtype=torch.uint8), ids,
+                              prefix=[1], suffix=prompt, **TINY) for _ in range(2)]
+    batch = {k: torch.cat([o[k] for o in one]) for k in one[0]}
+    labels = torch.full_like(batch["input_ids"], -100)
+    labels[:, :-1] = torch.where(batch["input_ids"][:, 1:] < VOCAB, batch["input_ids"][:, 1:], -100)
+    return dict(batch, labels=labels, modality="image")
+
+
+def test_image_logits_match_reference(molmoe_dirs):
+    """ViT + pooling + projector + insertion + LM against the plain-tensor reference of the public code.
+
+    The vision features are compared in float64 (nine ViT layers of random weights amplify float32 rounding);
+    the logits in float32 (the OLMoE experts' grouped matmul has no float64 kernel)."""
+    import copy
+
+    loaded = open_model(molmoe_dirs["megablocks"])
+    batch = image_batch()
+    w = {**molmoe_weights(), **molmoe_vision_weights()}
+    args = (batch["images"], batch["image_masks"])
+    vision64 = copy.deepcopy(loaded.model.model.vision_backbone).double()
+    with torch.no_grad():
+        ours = loaded.adapter.forward(batch)
+        feats = vision64(batch["images"].double(), batch["image_masks"])
+        ref_feats = image_features({k: v.double() for k, v in w.items()}, batch["images"].double(),
+                                   batch["image_masks"], VIT_HEADS, MOLMOE_VISION["layers"])
+        embeds = image_embeddings(w, batch["input_ids"], *args, batch["image_input_idx"], VIT_HEADS,
+                                  MOLMOE_VISION["layers"])
+        ref = reference_logits(w, batch["input_ids"], embeds=embeds)
+    assert batch["images"].shape == (2, 7, 64, 12) and feats.shape == (2, 7, 16, D)
+    torch.testing.assert_close(feats, ref_feats, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(ours[..., :VOCAB], ref, rtol=1e-3, atol=1e-3)
+
+
+def test_images_change_logits(molmoe_dirs):
+    loaded = open_model(molmoe_dirs["hf_cockatoo"])
+    batch = image_batch()
+    with torch.no_grad():
+        with_image = loaded.adapter.forward(batch)[..., :VOCAB]
+        text_only = loaded.adapter.forward({"input_ids": batch["input_ids"]})[..., :VOCAB]
+        other = loaded.adapter.forward(dict(batch, images=batch["images"].flip(1)))[..., :VOCAB]
+    assert snr_db(with_image, text_only) < 10 and snr_db(with_image, other) < 20
+    torch.testing.assert_close(with_image[:, 0], text_only[:, 0])  # the BOS precedes every image token
+
+
+def test_image_chain(molmoe_dirs, tmp_path):
+    """profile (text + image batches) -> plan -> compile -> runtime load -> image forward close to float."""
+    directory = molmoe_dirs["hf"]
+    loaded = open_model(directory)
+    batches = calibration() + [image_batch(seed=3)]
+    profile = profile_model(loaded, batches, summary(batches, "random"), bits=(8,), group_size=32, progress=False)
+    assert all(e.tokens_by_modality.get("image", 0) > 0 for e in profile.experts if e.tokens)
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(SPEC)
+    artifact = compile_artifact(directory, make_plan(load_spec(spec), profile), tmp_path / "artifact", progress=False)
+    quantized = load(artifact)
+    batch = image_batch(seed=1)
+    with torch.no_grad():
+        ref = loaded.adapter.forward(batch)[..., :VOCAB]
+        out = quantized.adapter.forward(batch)[..., :VOCAB]
+        text = quantized.adapter.forward({"input_ids": batch["input_ids"]})[..., :VOCAB]
+    assert snr_db(ref, out) >= 25 and snr_db(ref, text) < 10
+    keys = {k: batch[k][:1] for k in ("input_ids", "images", "image_masks", "image_input_idx")}
+    generated = quantized.model.generate(**keys, max_new_tokens=3, min_new_tokens=3, do_sample=False)
+    assert generated.shape == (1, keys["input_ids"].shape[1] + 3)
+
+
+def test_minus_one_is_padding(molmoe_dirs):
+    """Id -1 pads (MolmoModel.forward): left padding leaves the real tokens' logits unchanged."""
+    loaded = open_model(molmoe_dirs["megablocks"])
+    batch = {k: v[:1] for k, v in image_batch().items() if k != "modality"}
+    idx = batch["image_input_idx"]
+    padded = dict(batch, input_ids=torch.cat([torch.full((1, 3), -1), batch["input_ids"]], 1),
+                  image_input_idx=torch.where(idx >= 0, idx + 3, idx))
+    with torch.no_grad():
+        plain, shifted = loaded.adapter.forward(batch), loaded.adapter.forward(padded)
+    torch.testing.assert_close(shifted[:, 3:], plain, rtol=1e-4, atol=1e-4)
+
+
+def _check_layout(out: dict, ids: dict, tiles: tuple[int, int], half: int, window: int, start_row: int = 2):
+    """Token counts and image_input_idx of one preprocessed image against the documented formulas."""
+    th, tw = tiles
+    rows, cols = window * th + 2 * start_row, window * tw + 2 * start_row
+    tokens = out["input_ids"][0]
+    assert len(tokens) == 2 + half * (half + 1) + 2 + rows * (cols + 1)
+    assert int((tokens == ids["<im_patch>"]).sum()) == half * half + rows * cols
+    assert int((tokens == ids["<im_col>"]).sum()) == half + rows
+    idx = out["image_input_idx"][0]
+    assert idx.shape == (1 + th * tw, half * half)
+    patches = torch.nonzero(tokens == ids["<im_patch>"])[:, 0]
+    assert torch.equal(idx[0], patches[: half * half])  # the global image, in order
+    valid = idx[1:][idx[1:] >= 0]
+    assert sorted(valid.tolist()) == patches[half * half:].tolist()  # every crop patch token exactly once
+    crop_start = 1 + half * (half + 1) + 2
+    for t in range(th * tw):
+        i, j = divmod(t, tw)
+        for k in range(half * half):
+            r, c = divmod(k, half)
+            first_r, first_c = (0 if i == 0 else start_row), (0 if j == 0 else start_row)
+            keep_r = first_r <= r < (half if i == th - 1 else half - start_row)
+            keep_c = first_c <= c < (half if j == tw - 1 else half - start_row)
+            p = int(idx[1 + t, k])
+            if not (keep_r and keep_c):
+                assert p == -100
+                continue
+            assert divmod(p - crop_start, cols + 1) == (i * window + r, j * window + c)  # row-major over the image
+
+
+def test_preprocessing_real_geometry():
+    """336/14, margins 4: global 12 x (12 + 1) tokens; crops R = 8 th + 4 rows of C = 8 tw + 4 (+ <im_col>)."""
+    ids = image_token_ids({"embedding_size": 50304, "additional_vocab_size": 128})
+    assert ids == {"<im_start>": 50304, "<im_end>": 50305, "<im_patch>": 50306, "<im_col>": 50307}
+    square = torch.rand(336, 336, 3, generator=torch.Generator().manual_seed(0))
+    out = molmo_image_inputs(square, ids)
+    assert select_tiling(224, 224, 224, 12) == (1, 1) and len(out["input_ids"][0]) == 158 + 2 + 12 * 13
+    _check_layout(out, ids, (1, 1), 12, 8)
+    mean, std = torch.tensor([0.48145466, 0.4578275, 0.40821073]), torch.tensor([0.26862954, 0.26130258, 0.27577711])
+    torch.testing.assert_close(out["images"][0, 0, 1], ((square[0:14, 14:28] - mean) / std).reshape(-1))  # (dy dx c)
+    wide = torch.randint(0, 256, (280, 700, 3), generator=torch.Generator().manual_seed(1), dtype=torch.uint8)
+    out = molmo_image_inputs(wide, ids)
+    tiles = select_tiling(280 - 112, 700 - 112, 224, 12)
+    assert tiles == (1, 3) and out["images"].shape == (1, 4, 576, 588)
+    _check_layout(out, ids, tiles, 12, 8)
+    # The public processor's masks: crop 0's (11 padded pixel rows: partial, never empty) sits in the global slot
+    # (whose own mask, 134 of 336 rows real, would have 14 empty patch rows); the last row is -1.
+    masks = out["image_masks"][0]
+    assert bool((masks[-1] == -1).all()) and int((masks[0] == 0).sum()) == 0 and bool((masks[0] < 1).any())
+    many = molmo_image_inputs(torch.rand(900, 1000, 3), ids, max_crops=6)
+    assert many["images"].shape[1] == 1 + 6
+    _check_layout(many, ids, select_tiling(900 - 112, 1000 - 112, 224, 6), 12, 8)
+
+
+def test_preprocessing_tiny_geometry():
+    ids = image_token_ids(MOLMOE_CONFIG)
+    out = molmo_image_inputs(torch.rand(20, 28, 3), ids, **TINY)
+    _check_layout(out, ids, (2, 3), 4, 2, start_row=1)
+    assert out["images"].shape == (1, 7, 64, 12) and out["image_masks"].shape == (1, 7, 64)
+
+
+def test_vision_backbone_refusals(tmp_path):
+    """Partial or inconsistent vision tensors: one-line InputErrors naming the tensor or field."""
+    from safetensors.torch import load_file, save_file
+
+    directory = build_molmoe(tmp_path / "m")
+    path = directory / "model.safetensors"
+    state = load_file(str(path))
+    missing = "model.vision_backbone.image_vit.transformer.resblocks.4.ffn_norm.bias"
+    save_file({k: v for k, v in state.items() if k != missing}, str(path), metadata={"format": "pt"})
+    with pytest.raises(InputError, match=f"tensor {missing} missing") as err:
+        open_model(directory)
+    assert "\n" not in str(err.value)
+    save_file({k: v for k, v in state.items() if "image_projector" not in k}, str(path), metadata={"format": "pt"})
+    with pytest.raises(InputError, match="image_projector.w1.weight missing"):
+        open_model(directory)
+    save_file(state, str(path), metadata={"format": "pt"})
+    config = json.loads((directory / "config.json").read_text())
+    config["vision_backbone"]["image_num_layers"] = 23
+    (directory / "config.json").write_text(json.dumps(config))
+    with pytest.raises(InputError, match="image_num_layers is 23, but the checkpoint's vision tensors give 9"):
+        open_model(directory)
+
+
+def test_text_only_checkpoint_refuses_images(tmp_path):
+    loaded = open_model(build_molmoe(tmp_path / "t", vision=False))
+    assert not hasattr(loaded.model, "model")
+    batch = image_batch()
+    with pytest.raises(InputError, match="no model.vision_backbone"):
+        loaded.adapter.forward(batch)
+    assert loaded.adapter.forward({"input_ids": batch["input_ids"]}).shape[:2] == batch["input_ids"].shape
+
+
+def test_image_calibration_folder_through_the_cli(molmoe_dirs, tmp_path):
+    """`mopeq profile MOLMOE --calib FOLDER`: MolmoE's processor tiles each image; labels skip image tokens."""
+    import json
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from mopeq.cli import main
+    from mopeq.models import read_config
+    from mopeq.models.molmo_vision import image_token_ids
+    from mopeq.profiler.calibration import image_folder_batches
+    from mopeq.schemas import read_profile
+
+    from .test_deepseek_vl2 import _calib_folder
+
+    directory = tmp_path / "molmoe"
+    shutil.copytree(molmoe_dirs["megablocks"], directory)
+    config = json.loads((directory / "config.json").read_text())
+    config.update(overlap_margins=[2, 2], max_crops=6)  # the tiny 16-pixel crops (G = 8) need 2-patch margins
+    (directory / "config.json").write_text(json.dumps(config))
+    folder = _calib_folder(tmp_path / "calib", n=3)
+    batches = image_folder_batches(folder, read_config(directory), tokenizer=AutoTokenizer.from_pretrained(directory),
+                                   directory=directory)
+    special = set(image_token_ids(read_config(directory)).values())
+    for b in batches:
+        assert b["images"].shape[1] == b["image_input_idx"].shape[1] >= 2  # global view + crops
+        targets = set(b["labels"][b["labels"] >= 0].tolist())
+        assert targets and not targets & special
+        assert int((b["image_input_idx"] >= 0).sum()) == int((b["input_ids"] == image_token_ids(config)["<im_patch>"]).sum())
+    assert main(["profile", str(directory), "--calib", str(folder), "-o", str(tmp_path / "p.json")]) == 0
+    profile = read_profile(tmp_path / "p.json")
+    assert set(profile.meta.calibration["tokens_by_modality"]) == {"image"}
+    assert sum(e.tokens for e in profile.experts) == 2 * 2 * sum(b["input_ids"].numel() for b in batches)
