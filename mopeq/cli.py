@@ -227,8 +227,30 @@ def cmd_compile(args) -> None:
         grams = _collect_grams(args, grams or args.output.with_name(f"{args.output.name}.grams.safetensors"))
     quantizer = make_quantizer(args.quantizer, grams, GPTQSettings(args.damp, args.act_order), plan.config_hash)
     out = compile_artifact(args.model, plan, args.output, overwrite=args.overwrite, quantizer=quantizer)
-    size = sum(f.stat().st_size for f in out.glob("*.safetensors"))
-    print(f"wrote {out}: {size / 2**20:.2f} MiB of safetensors")
+    sizes = artifact_sizes(out)
+    print(f"wrote {out}: {sizes['files'] / 2**20:.2f} MiB of safetensors = experts {sizes['experts'] / 2**20:.3f} MiB "
+          f"(plan predicted {plan.totals.get('bytes', 0) / 2**20:.3f} MiB) + other tensors {sizes['dense'] / 2**20:.3f} MiB "
+          f"+ headers {sizes['headers'] / 2**10:.1f} KiB")
+
+
+def artifact_sizes(directory: Path) -> dict[str, int]:
+    """Bytes of an artifact's shards: packed expert tensors, everything else, safetensors headers, files."""
+    from math import prod
+
+    from .compiler.artifact import ST_BYTES
+    from .safety import check_safetensors
+
+    out = {"experts": 0, "dense": 0, "headers": 0, "files": 0}
+    suffixes = (".weight_packed", ".weight_scale", ".weight_zero_point", ".weight_shape")
+    for shard in sorted(directory.glob("*.safetensors")):
+        tensors = 0
+        for name, entry in check_safetensors(shard).items():
+            nbytes = ST_BYTES[entry["dtype"]] * prod(entry["shape"])
+            out["experts" if name.endswith(suffixes) else "dense"] += nbytes
+            tensors += nbytes
+        out["files"] += shard.stat().st_size
+        out["headers"] += shard.stat().st_size - tensors
+    return out
 
 
 def _collect_grams(args, path: Path) -> Path:

@@ -37,6 +37,18 @@ def test_profile_covers_every_expert(chain):
         assert all(v == v for s in node.sensitivity.values() for v in s.values())  # no NaN
 
 
+def test_artifact_size_is_the_plans_prediction(chain):
+    """Packed expert tensors take exactly the bytes the plan predicted, other tensors exactly the plan's
+    non-expert bytes; the rest of the files is safetensors headers."""
+    from mopeq.cli import artifact_sizes
+
+    plan, sizes = read_plan(chain / "plan.json"), artifact_sizes(chain / "artifact")
+    assert sizes["experts"] == plan.totals["bytes"]
+    assert sizes["dense"] == plan.totals["non_expert_bytes"]
+    assert sizes["files"] == sizes["experts"] + sizes["dense"] + sizes["headers"]
+    assert 0 < sizes["headers"] < 0.1 * sizes["files"]
+
+
 def test_plan_meets_budget(chain):
     plan = read_plan(chain / "plan.json")
     assert plan.totals["bytes"] <= plan.totals["budget_bytes"]
