@@ -73,10 +73,12 @@ def _parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("run", help="load an artifact and answer a prompt",
                        description="Load ARTIFACT (checksums verified) and generate text for --prompt; for the demo "
-                       "VLM, --image picks a held-out digit image by index or reads an 8x8 image from a .npy file.")
+                       "VLM, --image picks a held-out digit image by index or reads an 8x8 image from a .npy file; "
+                       "for DeepSeek-VL2 and MolmoE, --image is an image file, tiled by the model's processor.")
     s.add_argument("artifact", help="artifact directory (or a model directory, unquantized)")
     s.add_argument("--prompt", required=True, help="text prompt (demo VLM: a question about the image)")
-    s.add_argument("--image", default=None, help="demo VLM: held-out image index, or a .npy 8x8 array in [0, 1]")
+    s.add_argument("--image", default=None, help="demo VLM: held-out image index, or a .npy 8x8 array in [0, 1]; "
+                   "DeepSeek-VL2 / MolmoE: an image file (png, jpg, ...)")
     s.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate (default: %(default)s)")
 
     s = sub.add_parser("eval", help="measure a model or artifact on a task",
@@ -288,9 +290,41 @@ def cmd_run(args) -> None:
         print(loaded.model.answer(_demo_image(args.image), [args.prompt])[0])
         return
     tok = _tokenizer(loaded.directory)
-    ids = tok(args.prompt, return_tensors="pt")["input_ids"]
-    out = loaded.model.generate(ids, max_new_tokens=args.max_new_tokens, do_sample=False)
-    print(tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
+    if args.image is None:
+        inputs = {"input_ids": tok(args.prompt, return_tensors="pt")["input_ids"]}
+    else:
+        inputs = _image_inputs(loaded, tok, args.prompt, Path(args.image))
+    out = loaded.model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False)
+    print(tok.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))
+
+
+def _image_inputs(loaded, tok, prompt: str, image: Path) -> dict:
+    """Generation inputs for one image and a prompt: VL2 ``<image>\n{prompt}``, MolmoE BOS + image + `` User:
+    {prompt} Assistant:``."""
+    import numpy as np
+
+    from .profiler.calibration import load_rgb
+
+    model_type = loaded.config["model_type"]
+    if model_type not in ("deepseek_vl_v2", "molmo", "molmoe"):
+        raise InputError(f"--image: model_type {model_type!r} runs text only (images: demo VLM, DeepSeek-VL2, MolmoE)")
+    img = load_rgb(image, "--image")
+    if model_type == "deepseek_vl_v2":
+        from .models.deepseek_vl2_vision import encode
+
+        return encode(f"<image>\n{prompt}", [img], tok, loaded.config)
+    from .models.molmo_vision import image_token_ids, molmo_image_inputs
+
+    vision = getattr(getattr(loaded.model, "model", None), "vision_backbone", None)
+    if vision is None:
+        raise InputError(f"--image: {loaded.directory} has no model.vision_backbone.* tensors (runs text only)")
+    g = vision.geometry
+    bos = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+    return molmo_image_inputs(np.asarray(img), image_token_ids(loaded.config, tok), base=g.grid * g.patch,
+                              patch=g.patch, max_crops=int(loaded.config.get("max_crops", 12)),
+                              margins=tuple(loaded.config.get("overlap_margins", (4, 4))),
+                              prefix=[] if bos is None else [bos],
+                              suffix=tok.encode(f" User: {prompt} Assistant:", add_special_tokens=False))
 
 
 def _demo_image(spec: str | None):
@@ -324,7 +358,8 @@ def cmd_eval(args) -> None:
     loaded = _open_any(args.model)
     is_demo = loaded.config["model_type"] == "mopeq_demo_vlm"
     if args.task in ("demo", "vqa") and not is_demo:
-        raise InputError(f"--task {args.task}: only for the demo VLM or its artifacts (other VLMs run text-only)")
+        raise InputError(f"--task {args.task}: only for the demo VLM or its artifacts (its digit images); other "
+                         f"models: --task perplexity or fidelity")
     if args.task == "demo":
         result = evaluate.demo_quality(loaded, progress=True)
     elif args.task == "vqa":

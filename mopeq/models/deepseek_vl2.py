@@ -243,6 +243,14 @@ class DeepseekVL2Text(TextOnlyWrapper):
         embeds = image_embeds(self, input_ids, images, images_seq_mask, images_spatial_crop, self.global_view_pos)
         return self.language(inputs_embeds=embeds, **kwargs)
 
+    def generate(self, input_ids=None, images=None, images_seq_mask=None, images_spatial_crop=None, **kwargs):
+        if images is None or images_spatial_crop is None:
+            return self.language.generate(input_ids, **kwargs)
+        if not self.has_vision:
+            raise InputError("images: this checkpoint has no vision.* tensors (a language-only DeepSeek-VL2)")
+        embeds = image_embeds(self, input_ids, images, images_seq_mask, images_spatial_crop, self.global_view_pos)
+        return self.language.generate(input_ids=input_ids, inputs_embeds=embeds, **kwargs)
+
 
 class DeepseekVL2Adapter(LanguageAdapter):
     """DeepSeek-VL2: DeepSeek-V2 MoE blocks under ``language.model.layers``; text-only forward."""

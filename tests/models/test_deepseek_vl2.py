@@ -282,6 +282,32 @@ def test_image_calibration_profile_compile_run(tiny_models, tmp_path):
     with torch.no_grad():
         ref, out = loaded.adapter.forward(b), quantized.adapter.forward(b)
     assert snr_db(ref, out) >= 25
+    # generation sees the image: its first token is the image-conditioned forward's argmax
+    inputs = {k: v for k, v in b.items() if k != "labels"}
+    generated = quantized.model.generate(**inputs, max_new_tokens=3, min_new_tokens=3, do_sample=False)
+    assert generated.shape == (1, b["input_ids"].shape[1] + 3)
+    assert generated[0, b["input_ids"].shape[1]] == out[0, -1].argmax()
+
+
+def test_cli_run_with_an_image(tiny_models, tmp_path, capsys):
+    from mopeq.cli import main
+
+    from .test_families import SPEC
+
+    directory = tiny_models["deepseek_vl2"]
+    folder = _calib_folder(tmp_path / "calib", n=2)
+    (tmp_path / "spec.yaml").write_text(SPEC)
+    assert main(["profile", str(directory), "--calib", str(folder), "--bits", "8", "--group-size", "32",
+                 "-o", str(tmp_path / "p.json")]) == 0
+    assert main(["plan", str(tmp_path / "spec.yaml"), "--profile", str(tmp_path / "p.json"), "-o",
+                 str(tmp_path / "plan.json")]) == 0
+    assert main(["compile", str(directory), "--plan", str(tmp_path / "plan.json"), "-o", str(tmp_path / "a")]) == 0
+    capsys.readouterr()
+    assert main(["run", str(tmp_path / "a"), "--prompt", "what is it?", "--image", str(folder / "0.png"),
+                 "--max-new-tokens", "3"]) == 0
+    assert capsys.readouterr().out.strip()
+    assert main(["run", str(tmp_path / "a"), "--prompt", "x", "--image", str(folder / "missing.png")]) == 2
+    assert "missing.png not found" in capsys.readouterr().err
 
 
 def test_partial_vision_checkpoint_names_the_missing_tensor(tiny_models, tmp_path):

@@ -396,7 +396,16 @@ def test_image_calibration_folder_through_the_cli(molmoe_dirs, tmp_path):
         targets = set(b["labels"][b["labels"] >= 0].tolist())
         assert targets and not targets & special
         assert int((b["image_input_idx"] >= 0).sum()) == int((b["input_ids"] == image_token_ids(config)["<im_patch>"]).sum())
-    assert main(["profile", str(directory), "--calib", str(folder), "-o", str(tmp_path / "p.json")]) == 0
+    assert main(["profile", str(directory), "--calib", str(folder), "--bits", "8", "--group-size", "16",
+                 "-o", str(tmp_path / "p.json")]) == 0
     profile = read_profile(tmp_path / "p.json")
     assert set(profile.meta.calibration["tokens_by_modality"]) == {"image"}
     assert sum(e.tokens for e in profile.experts) == 2 * 2 * sum(b["input_ids"].numel() for b in batches)
+    # ... and on through plan, compile and `run --image` on the artifact
+    (tmp_path / "spec.yaml").write_text("version: 1\nbits: [8]\ngroup_size: 16\nbudget: {fraction: 1.0}\n"
+                                        "scope: global\nsensitivity: hessian-local\n")
+    assert main(["plan", str(tmp_path / "spec.yaml"), "--profile", str(tmp_path / "p.json"), "-o",
+                 str(tmp_path / "plan.json")]) == 0
+    assert main(["compile", str(directory), "--plan", str(tmp_path / "plan.json"), "-o", str(tmp_path / "a")]) == 0
+    assert main(["run", str(tmp_path / "a"), "--prompt", "what is it?", "--image", str(folder / "1.png"),
+                 "--max-new-tokens", "2"]) == 0
