@@ -83,7 +83,7 @@ def _parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("eval", help="measure a model or artifact on a task",
                        description="Tasks: 'demo' (held-out perplexity and question accuracy of the demo model), "
-                       "'perplexity' (on --text FILE), 'vqa' (demo VLM: a JSONL file of image/question/answer "
+                       "'perplexity' (on --text FILE), 'vqa' (demo VLM, DeepSeek-VL2, MolmoE: a JSONL file of image/question/answer "
                        "records, exact match, or multiple choice with 'choices'), 'fidelity' (KL divergence and "
                        "top-1 agreement against --reference, on --text or the demo's held-out text).")
     s.add_argument("model", help="artifact directory, model directory, or 'demo'")
@@ -299,32 +299,10 @@ def cmd_run(args) -> None:
 
 
 def _image_inputs(loaded, tok, prompt: str, image: Path) -> dict:
-    """Generation inputs for one image and a prompt: VL2 ``<image>\n{prompt}``, MolmoE BOS + image + `` User:
-    {prompt} Assistant:``."""
-    import numpy as np
-
     from .profiler.calibration import load_rgb
+    from .vlm import image_inputs
 
-    model_type = loaded.config["model_type"]
-    if model_type not in ("deepseek_vl_v2", "molmo", "molmoe"):
-        raise InputError(f"--image: model_type {model_type!r} runs text only (images: demo VLM, DeepSeek-VL2, MolmoE)")
-    img = load_rgb(image, "--image")
-    if model_type == "deepseek_vl_v2":
-        from .models.deepseek_vl2_vision import encode
-
-        return encode(f"<image>\n{prompt}", [img], tok, loaded.config)
-    from .models.molmo_vision import image_token_ids, molmo_image_inputs
-
-    vision = getattr(getattr(loaded.model, "model", None), "vision_backbone", None)
-    if vision is None:
-        raise InputError(f"--image: {loaded.directory} has no model.vision_backbone.* tensors (runs text only)")
-    g = vision.geometry
-    bos = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
-    return molmo_image_inputs(np.asarray(img), image_token_ids(loaded.config, tok), base=g.grid * g.patch,
-                              patch=g.patch, max_crops=int(loaded.config.get("max_crops", 12)),
-                              margins=tuple(loaded.config.get("overlap_margins", (4, 4))),
-                              prefix=[] if bos is None else [bos],
-                              suffix=tok.encode(f" User: {prompt} Assistant:", add_special_tokens=False))
+    return image_inputs(loaded, tok, prompt, load_rgb(image, "--image"))
 
 
 def _demo_image(spec: str | None):
@@ -357,15 +335,19 @@ def cmd_eval(args) -> None:
 
     loaded = _open_any(args.model)
     is_demo = loaded.config["model_type"] == "mopeq_demo_vlm"
-    if args.task in ("demo", "vqa") and not is_demo:
-        raise InputError(f"--task {args.task}: only for the demo VLM or its artifacts (its digit images); other "
-                         f"models: --task perplexity or fidelity")
+    if args.task == "demo" and not is_demo:
+        raise InputError("--task demo: only for the demo VLM or its artifacts (its digit set); other models: "
+                         "--task perplexity, fidelity, or vqa (DeepSeek-VL2, MolmoE)")
     if args.task == "demo":
         result = evaluate.demo_quality(loaded, progress=True)
     elif args.task == "vqa":
         if args.data is None:
             raise InputError("--data: required for --task vqa (a JSONL file)")
-        result = evaluate.vqa_file(loaded, args.data, progress=True)
+        if not is_demo and loaded.config["model_type"] not in ("deepseek_vl_v2", "molmo", "molmoe"):
+            raise InputError(f"--task vqa: model_type {loaded.config['model_type']!r} takes no images "
+                             "(vqa: demo VLM, DeepSeek-VL2, MolmoE)")
+        result = evaluate.vqa_file(loaded, args.data, progress=True,
+                                   tokenizer=None if is_demo else _tokenizer(loaded.directory))
     elif args.task == "perplexity":
         result = {"perplexity": evaluate.perplexity(loaded.adapter, _eval_windows(args, loaded, is_demo),
                                                     progress=True)}

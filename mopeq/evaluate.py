@@ -59,8 +59,13 @@ def fidelity(candidate, reference, windows: torch.Tensor, batch: int = 16, progr
 
 
 @torch.no_grad()
-def vqa_file(loaded, path, progress: bool = False) -> dict:
-    """Accuracy of the demo VLM on a VQA JSONL file: greedy exact match, or the most likely choice."""
+def vqa_file(loaded, path, progress: bool = False, tokenizer=None) -> dict:
+    """Accuracy on a VQA JSONL file: greedy exact match, or the most likely of ``choices``.
+
+    The demo VLM uses its own prompt and 8x8 images; DeepSeek-VL2 and MolmoE (need ``tokenizer``) their
+    processors (``mopeq.vlm``), scoring `` {choice}`` after the prompt, and comparing a greedy answer
+    (case and surrounding space ignored) otherwise.
+    """
     from pathlib import Path
 
     from .demo.model import greedy_matches
@@ -68,6 +73,8 @@ def vqa_file(loaded, path, progress: bool = False) -> dict:
 
     records = read_qa_jsonl(path)
     folder = Path(path).parent
+    if loaded.config["model_type"] != "mopeq_demo_vlm":
+        return _vqa_vlm(loaded, records, folder, tokenizer, progress)
     correct = []
     for where, rec in tqdm(records, desc="vqa", unit="question", disable=not progress):
         image = load_image(folder / rec["image"], where)[None]
@@ -76,6 +83,24 @@ def vqa_file(loaded, path, progress: bool = False) -> dict:
             correct.append(rec["choices"][max(range(len(scores)), key=scores.__getitem__)] == rec["answer"])
         else:
             correct.append(greedy_matches(loaded.model, image, [rec["question"]], [rec["answer"]])[0])
+    return {"accuracy": sum(correct) / len(correct), "questions": len(correct)}
+
+
+def _vqa_vlm(loaded, records, folder, tokenizer, progress: bool) -> dict:
+    from .profiler.calibration import load_rgb
+    from .vlm import continuation_logprob, greedy_answer, image_inputs
+
+    correct = []
+    for where, rec in tqdm(records, desc="vqa", unit="question", disable=not progress):
+        inputs = image_inputs(loaded, tokenizer, rec["question"], load_rgb(folder / rec["image"], where))
+        if rec.get("choices"):
+            scores = [continuation_logprob(loaded, inputs, tokenizer.encode(" " + c, add_special_tokens=False))
+                      for c in rec["choices"]]
+            correct.append(rec["choices"][max(range(len(scores)), key=scores.__getitem__)] == rec["answer"])
+        else:
+            length = len(tokenizer.encode(" " + rec["answer"], add_special_tokens=False))
+            answer = greedy_answer(loaded, tokenizer, inputs, length + 1)
+            correct.append(answer.strip().lower() == rec["answer"].strip().lower())
     return {"accuracy": sum(correct) / len(correct), "questions": len(correct)}
 
 

@@ -361,3 +361,44 @@ def test_layer_streamed_profiling_refuses_image_batches(tiny_models):
     assert streamer.embed({"input_ids": b["input_ids"]}).shape[:2] == b["input_ids"].shape
     with pytest.raises(InputError, match="text only"):
         streamer.embed(b)
+
+
+def test_vqa_eval_on_an_artifact(tiny_models, tmp_path, capsys):
+    """`mopeq eval --task vqa` on a VL2 model: multiple choice picks the highest-scoring continuation."""
+    import json as js
+
+    from transformers import AutoTokenizer
+
+    from mopeq.cli import main
+    from mopeq.evaluate import vqa_file
+    from mopeq.models import open_model
+    from mopeq.profiler.calibration import load_rgb
+    from mopeq.vlm import image_inputs
+
+    directory = tiny_models["deepseek_vl2"]
+    folder = _calib_folder(tmp_path / "data", n=3)
+    records = [js.loads(line) for line in (folder / "index.jsonl").read_text().splitlines()]
+    for r in records[:2]:
+        r["choices"] = ["a cat", "a dog"]
+    (folder / "vqa.jsonl").write_text("".join(js.dumps(r) + "\n" for r in records))
+    loaded, tok = open_model(directory), AutoTokenizer.from_pretrained(directory)
+    result = vqa_file(loaded, folder / "vqa.jsonl", tokenizer=tok)
+    assert result["questions"] == 3
+    expected = 0
+    for r in records[:2]:  # the same decision, scored independently through the adapter's forward
+        inputs = image_inputs(loaded, tok, r["question"], load_rgb(folder / r["image"], "x"))
+        scores = {}
+        for c in r["choices"]:
+            ids = torch.tensor([tok.encode(" " + c, add_special_tokens=False)])
+            n = inputs["input_ids"].shape[1]
+            full = dict(inputs, input_ids=torch.cat([inputs["input_ids"], ids], 1),
+                        images_seq_mask=torch.cat([inputs["images_seq_mask"], torch.zeros_like(ids, dtype=torch.bool)], 1))
+            with torch.no_grad():
+                logp = loaded.adapter.forward(full)[0].log_softmax(-1)
+            scores[c] = sum(float(logp[n - 1 + i, t]) for i, t in enumerate(ids[0].tolist()))
+        expected += max(scores, key=scores.get) == r["answer"]
+    greedy = round(result["accuracy"] * 3) - expected  # the third record (no choices) is greedy exact match
+    assert greedy in (0, 1)
+    capsys.readouterr()
+    assert main(["eval", str(directory), "--task", "vqa", "--data", str(folder / "vqa.jsonl"), "--json"]) == 0
+    assert js.loads(capsys.readouterr().out.strip().splitlines()[-1])["questions"] == 3

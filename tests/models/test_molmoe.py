@@ -409,3 +409,4 @@ def test_image_calibration_folder_through_the_cli(molmoe_dirs, tmp_path):
     assert main(["compile", str(directory), "--plan", str(tmp_path / "plan.json"), "-o", str(tmp_path / "a")]) == 0
     assert main(["run", str(tmp_path / "a"), "--prompt", "what is it?", "--image", str(folder / "1.png"),
                  "--max-new-tokens", "2"]) == 0
+    assert main(["eval", str(tmp_path / "a"), "--task", "vqa", "--data", str(folder / "index.jsonl"), "--json"]) == 0

@@ -1,0 +1,63 @@
+"""Image + prompt inputs for the real VLM families (DeepSeek-VL2, MolmoE), built by each model's processor.
+
+``image_inputs`` gives what ``model(**inputs)`` / ``model.generate(**inputs)`` take; ``append`` extends it with
+answer tokens (for scoring a continuation). Prompts: DeepSeek-VL2 ``<image>\\n{prompt}``; MolmoE BOS, the
+image tokens, `` User: {prompt} Assistant:``. Neither model's chat template is reproduced.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .schemas import InputError
+
+FAMILIES = ("deepseek_vl_v2", "molmo", "molmoe")
+
+
+def image_inputs(loaded, tokenizer, prompt: str, image) -> dict:
+    """Inputs for one PIL ``image`` and ``prompt`` on ``loaded`` (an opened model or a loaded artifact)."""
+    import numpy as np
+
+    model_type = loaded.config["model_type"]
+    if model_type not in FAMILIES:
+        raise InputError(f"images: model_type {model_type!r} runs text only (images: demo VLM, DeepSeek-VL2, MolmoE)")
+    if model_type == "deepseek_vl_v2":
+        from .models.deepseek_vl2_vision import encode
+
+        return encode(f"<image>\n{prompt}", [image], tokenizer, loaded.config)
+    from .models.molmo_vision import image_token_ids, molmo_image_inputs
+
+    vision = getattr(getattr(loaded.model, "model", None), "vision_backbone", None)
+    if vision is None:
+        raise InputError(f"images: {loaded.directory} has no model.vision_backbone.* tensors (runs text only)")
+    g = vision.geometry
+    bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    return molmo_image_inputs(np.asarray(image), image_token_ids(loaded.config, tokenizer), base=g.grid * g.patch,
+                              patch=g.patch, max_crops=int(loaded.config.get("max_crops", 12)),
+                              margins=tuple(loaded.config.get("overlap_margins", (4, 4))),
+                              prefix=[] if bos is None else [bos],
+                              suffix=tokenizer.encode(f" User: {prompt} Assistant:", add_special_tokens=False))
+
+
+def append(inputs: dict, ids: list[int]) -> dict:
+    """``inputs`` with text tokens ``ids`` appended (a batch of one)."""
+    extra = torch.tensor([ids], dtype=inputs["input_ids"].dtype)
+    out = dict(inputs, input_ids=torch.cat([inputs["input_ids"], extra], 1))
+    if inputs.get("images_seq_mask") is not None:
+        out["images_seq_mask"] = torch.cat([inputs["images_seq_mask"], torch.zeros_like(extra, dtype=torch.bool)], 1)
+    return out
+
+
+@torch.no_grad()
+def continuation_logprob(loaded, inputs: dict, ids: list[int]) -> float:
+    """Total log-probability of the text tokens ``ids`` right after ``inputs``."""
+    full = append(inputs, ids)
+    start = inputs["input_ids"].shape[1]
+    logits = loaded.model(**full, use_cache=False).logits[0, start - 1 : -1].float()
+    return float(torch.log_softmax(logits, -1).gather(-1, torch.tensor(ids)[:, None]).sum())
+
+
+@torch.no_grad()
+def greedy_answer(loaded, tokenizer, inputs: dict, max_new_tokens: int) -> str:
+    out = loaded.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+    return tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
