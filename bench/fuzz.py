@@ -1,7 +1,10 @@
 """Bounded fuzzing campaign over every reader of untrusted files.
 
 Targets: the spec parser (``mopeq.planner.load_spec``), the profile and plan readers
-(``mopeq.schemas.read_profile`` / ``read_plan``) and the artifact loader (``mopeq.runtime.load.load``).
+(``mopeq.schemas.read_profile`` / ``read_plan``), the artifact loader (``mopeq.runtime.load.load``) and
+image calibration folders (``images``: ``index.jsonl`` + PNG/JPEG/npy files, read by
+``mopeq.profiler.calibration.read_qa_jsonl`` and ``load_rgb``, as ``--calib FOLDER`` reads them for
+DeepSeek-VL2 and MolmoE).
 Inputs are mutations of valid seed files: bit flips, truncations, spliced bytes, line edits, and
 structural edits of the parsed YAML/JSON (a value replaced by a hostile one, a key dropped); for
 artifacts also rewritten safetensors headers, escaping shard names and symlinks, with the manifest's
@@ -68,8 +71,23 @@ def build_corpus(workdir: Path) -> dict[str, Path]:
     write_plan(plan, workdir / "plan.json")
     compile_artifact(model_dir, plan, workdir / "artifact", progress=False)
     _write_profile(workdir / "profile.json")
+    _write_images(workdir / "images")
     return {"spec": REPO / "specs" / "demo.yaml", "profile": workdir / "profile.json", "plan": workdir / "plan.json",
-            "artifact": workdir / "artifact"}
+            "artifact": workdir / "artifact", "images": workdir / "images"}
+
+
+def _write_images(folder: Path) -> None:
+    """A calibration folder: a PNG, a JPEG and an ``.npy`` image, and their ``index.jsonl``."""
+    import numpy as np
+    from PIL import Image
+
+    folder.mkdir()
+    pixels = (np.random.RandomState(0).rand(20, 30, 3) * 255).astype(np.uint8)
+    Image.fromarray(pixels).save(folder / "a.png")
+    Image.fromarray(pixels).save(folder / "b.jpg")
+    np.save(folder / "c.npy", pixels)
+    (folder / "index.jsonl").write_text("".join(json.dumps({"image": n, "question": "what?", "answer": "this"}) + "\n"
+                                                for n in ("a.png", "b.jpg", "c.npy")))
 
 
 def _write_profile(path: Path) -> None:
@@ -276,6 +294,9 @@ def run_one(target: str, corpus: dict[str, Path], rng: random.Random, scratch: P
         mutate_artifact(corpus["artifact"], scratch / "artifact", rng)
         load(scratch / "artifact")
         return
+    if target == "images":
+        _read_images(corpus["images"], scratch / "images", rng)
+        return
     from mopeq.planner import load_spec
     from mopeq.schemas import read_plan, read_profile
 
@@ -287,6 +308,20 @@ def run_one(target: str, corpus: dict[str, Path], rng: random.Random, scratch: P
     path = scratch / corpus[target].name
     path.write_bytes(data)
     reader(path)
+
+
+def _read_images(src: Path, dst: Path, rng: random.Random) -> None:
+    """Mutate one file of a calibration folder (an image's bytes, or the index) and read every record."""
+    from mopeq.profiler.calibration import load_rgb, read_qa_jsonl
+
+    shutil.copytree(src, dst)
+    victim = dst / rng.choice(["a.png", "b.jpg", "c.npy", "index.jsonl"])
+    data = victim.read_bytes()
+    for _ in range(rng.choice([1, 1, 2, 3])):
+        data = mutate_text(data, rng, _json_codec() if victim.suffix == ".jsonl" else None) if data else data
+    victim.write_bytes(data)
+    for where, record in read_qa_jsonl(dst / "index.jsonl"):
+        load_rgb(dst / record["image"], where).size
 
 
 def classify(target: str, corpus, seed: int, scratch: Path) -> tuple[str, str]:
@@ -373,7 +408,7 @@ def campaign(target: str, corpus, scratch: Path, inputs: int, seconds: float, li
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--targets", default="spec,profile,plan,artifact")
+    p.add_argument("--targets", default="spec,profile,plan,artifact,images")
     p.add_argument("--inputs", type=int, default=10000, help="most inputs per target (default: %(default)s)")
     p.add_argument("--minutes", type=float, default=4.0, help="most minutes per target (default: %(default)s)")
     p.add_argument("--limit-s", type=float, default=10.0, help="per-input time limit (default: %(default)s)")

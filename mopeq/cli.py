@@ -306,7 +306,6 @@ def _image_inputs(loaded, tok, prompt: str, image: Path) -> dict:
 
 
 def _demo_image(spec: str | None):
-    import numpy as np
     import torch
 
     from .demo.data import digit_images
@@ -321,10 +320,9 @@ def _demo_image(spec: str | None):
     path = Path(spec)
     if not path.is_file():
         raise InputError(f"--image: {path} not found")
-    try:
-        arr = np.load(path, allow_pickle=False)
-    except ValueError as exc:
-        raise InputError(f"--image: {path} is not a .npy array ({exc})") from None
+    from .profiler.calibration import read_npy
+
+    arr = read_npy(path, "--image")
     if arr.shape != (8, 8):
         raise InputError(f"--image: {path} has shape {arr.shape}, expected (8, 8)")
     return torch.tensor(arr, dtype=torch.float32)[None]

@@ -203,17 +203,15 @@ def load_rgb(path: Path, where: str):
     if not path.is_file():
         raise InputError(f"{where}: image {path} not found")
     if path.suffix == ".npy":
-        try:
-            arr = np.load(path, allow_pickle=False)
-        except ValueError as exc:
-            raise InputError(f"{where}: {path} is not a numpy array ({exc})") from None
+        arr = read_npy(path, where)
         if arr.ndim != 3 or arr.shape[-1] != 3 or arr.dtype != np.uint8:
             raise InputError(f"{where}: {path} has shape {arr.shape} dtype {arr.dtype}, expected uint8 [H, W, 3]")
         return Image.fromarray(arr)
     try:
-        return Image.open(path).convert("RGB")
-    except (UnidentifiedImageError, OSError) as exc:
-        raise InputError(f"{where}: {path} is not a readable image ({exc})") from None
+        with Image.open(path) as img:
+            return img.convert("RGB")
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        raise InputError(f"{where}: {path} is not a readable image ({' '.join(str(exc).split())[:200]})") from None
 
 
 def _image_records(folder: Path) -> list[tuple[str, dict]]:
@@ -252,6 +250,24 @@ def read_qa_jsonl(path: Path) -> list[tuple[str, dict]]:
     return out
 
 
+def read_npy(path: Path, where: str):
+    """A numpy array from an ``.npy`` file (no pickles); any malformed file is an ``InputError``.
+
+    ``np.load`` reports a corrupt header as ``ValueError``, ``EOFError``, ``SyntaxError`` or even
+    ``tokenize.TokenError`` (bench/fuzz.py found the last one)."""
+    import tokenize
+
+    import numpy as np
+
+    try:
+        arr = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError, SyntaxError, tokenize.TokenError) as exc:
+        raise InputError(f"{where}: {path} is not a numpy array ({' '.join(str(exc).split())[:200]})") from None
+    if not isinstance(arr, np.ndarray):
+        raise InputError(f"{where}: {path} holds an archive, expected one array")
+    return arr
+
+
 def load_image(path: Path, where: str, size: int = 8) -> torch.Tensor:
     """An ``[8, 8]`` float image in [0, 1] from ``.npy`` or ``.png``."""
     import numpy as np
@@ -259,10 +275,7 @@ def load_image(path: Path, where: str, size: int = 8) -> torch.Tensor:
     if not path.is_file():
         raise InputError(f"{where}: image {path} not found")
     if path.suffix == ".npy":
-        try:
-            arr = np.load(path, allow_pickle=False)
-        except ValueError as exc:
-            raise InputError(f"{where}: {path} is not a numpy array ({exc})") from None
+        arr = read_npy(path, where)
         if arr.shape != (size, size) or not np.issubdtype(arr.dtype, np.number):
             raise InputError(f"{where}: {path} has shape {arr.shape} dtype {arr.dtype}, expected numeric ({size}, {size})")
         return torch.tensor(arr, dtype=torch.float32).clamp(0, 1)
