@@ -229,6 +229,16 @@ def safetensors_header(tensors: list[tuple[str, str, list[int]]], metadata: dict
     return struct.pack("<Q", len(raw)) + raw, offsets
 
 
+# safetensors dtype names; ``save_file`` stores a file's tensors by this list (last first), then by name,
+# which puts every tensor at a multiple of its element size.
+ST_ORDER = ["BOOL", "U8", "I8", "F8_E5M2", "F8_E4M3", "F8_E8M0", "I16", "U16", "F16", "BF16", "I32", "U32",
+            "F32", "F64", "I64", "U64"]
+
+
+def _save_file_order(spec: tuple[str, str, list[int]]):
+    return -ST_ORDER.index(spec[1]), spec[0].encode()
+
+
 def _numel(shape) -> int:
     out = 1
     for d in shape:
@@ -237,15 +247,16 @@ def _numel(shape) -> int:
 
 
 class _ShardHash:
-    """sha256 of one shard, fed region by region in file order (on the writer's I/O thread)."""
+    """sha256 of one shard, fed region by region in file order (on the writer's hashing thread); the file
+    and the read buffer are released after the last region."""
 
     def __init__(self, path: Path, header: bytes):
         self.path, self.sha, self.fd, self.buffer = path, hashlib.sha256(header), None, None
 
-    def update(self, offset: int, nbytes: int) -> None:
+    def update(self, offset: int, nbytes: int, last: bool = False) -> None:
         if self.fd is None:
             self.fd = os.open(self.path, os.O_RDONLY)
-            self.buffer = bytearray(8 << 20)
+            self.buffer = bytearray(min(max(nbytes, 1), 8 << 20))
         view = memoryview(self.buffer)
         while nbytes:
             got = os.preadv(self.fd, [view[: min(nbytes, len(view))]], offset)
@@ -253,11 +264,16 @@ class _ShardHash:
                 raise OSError(f"compile: {self.path} ends before its header says")
             self.sha.update(view[:got])
             offset, nbytes = offset + got, nbytes - got
+        if last:
+            self.release()
 
-    def hexdigest(self) -> str:
+    def release(self) -> None:
         if self.fd is not None:
             os.close(self.fd)
-            self.fd = None
+        self.fd, self.buffer = None, None
+
+    def hexdigest(self) -> str:
+        self.release()
         return self.sha.hexdigest()
 
 
@@ -269,11 +285,16 @@ class StreamingShardWriter:
     it past ``max_bytes``); each shard's header is written first and every tensor's bytes follow in
     arrival order (``add``, or ``copy`` straight from a source file), so a shard fills front to back.
 
+    Every tensor starts at a multiple of its element size (as ``save_file`` guarantees by storing
+    tensors by dtype): a shard whose arrival order would misalign one (an odd-sized uint8 zero point
+    before an int32 tensor, say) is laid out in ``save_file``'s dtype order instead.
+
     Writes happen in the caller's thread; the sha256 of each finished region is computed on one
     background thread that reads it back from the page cache, in file order, while the caller goes
-    on quantizing (``sha256`` after ``finish``). Moving the writes to that thread as well measured
-    slower: the GIL hand-offs cost the quantizer's many short torch calls more than the writes take.
-    ``drain`` waits for the hashing; a failed read is raised by the next call.
+    on quantizing (``sha256`` after ``finish``); a dtype-ordered shard is hashed once it is complete.
+    Moving the writes to that thread as well measured slower: the GIL hand-offs cost the quantizer's
+    many short torch calls more than the writes take. ``drain`` waits for the hashing; a failed read
+    is raised by the next call.
     """
 
     HASH_CHUNK = 8 << 20  # bytes written before a region is handed to the hashing thread
@@ -294,9 +315,16 @@ class StreamingShardWriter:
         self.next = 0
         self.left: list[int] = []
         self.digests: list[_ShardHash] = []
+        self.in_order: list[bool] = []  # data in arrival order (hashed as it fills) or dtype order
+        self.data_start: list[int] = []
         for i, group in enumerate(groups):
             path = directory / f"shard-{i:05d}.tmp"
             header, offsets = safetensors_header(group, ST_METADATA)
+            aligned = all(offsets[name] % ST_BYTES[dtype] == 0 for name, dtype, _ in group)
+            if not aligned:
+                header, offsets = safetensors_header(sorted(group, key=_save_file_order), ST_METADATA)
+            self.in_order.append(aligned)
+            self.data_start.append(len(header))
             for name, dtype, shape in group:
                 self.where[name] = (i, dtype, list(shape), len(header) + offsets[name],
                                     ST_BYTES[dtype] * _numel(shape))
@@ -327,8 +355,8 @@ class StreamingShardWriter:
             self.fds[shard] = os.open(self.shards[shard][0], os.O_WRONLY)
         return shard, offset, nbytes
 
-    def _hash(self, shard: int, offset: int, nbytes: int) -> None:
-        self.queued.append(self.hasher.submit(self._guard, self.digests[shard].update, offset, nbytes))
+    def _hash(self, shard: int, offset: int, nbytes: int, last: bool = False) -> None:
+        self.queued.append(self.hasher.submit(self._guard, self.digests[shard].update, offset, nbytes, last))
         while self.queued and self.queued[0].done():
             self.queued.popleft()
 
@@ -340,14 +368,20 @@ class StreamingShardWriter:
                 self.error = e
 
     def _done(self, shard: int, offset: int, nbytes: int) -> None:
-        start, size = self.unhashed.get(shard, (offset, 0))
-        size += nbytes
         self.left[shard] -= 1
-        if size >= self.HASH_CHUNK or not self.left[shard]:
-            self._hash(shard, start, size)
-            start, size = start + size, 0
-        self.unhashed[shard] = (start, size)
-        if not self.left[shard]:
+        last = not self.left[shard]
+        if not self.in_order[shard]:  # dtype order: the file fills out of order, hash it whole at the end
+            if last:
+                start = self.data_start[shard]
+                self._hash(shard, start, os.fstat(self.fds[shard]).st_size - start, True)
+        else:
+            start, size = self.unhashed.get(shard, (offset, 0))
+            size += nbytes
+            if size >= self.HASH_CHUNK or last:
+                self._hash(shard, start, size, last)
+                start, size = start + size, 0
+            self.unhashed[shard] = (start, size)
+        if last:
             os.close(self.fds.pop(shard))
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
@@ -390,9 +424,7 @@ class StreamingShardWriter:
             os.close(fd)
         self.fds = {}
         for digest in self.digests:
-            if digest.fd is not None:
-                os.close(digest.fd)
-                digest.fd = None
+            digest.release()
 
 
 def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:

@@ -74,7 +74,7 @@ def _pack_bytes(codes: torch.Tensor, bits: int, lead: list, k: int, words: int) 
     else:
         # Read each byte's codes as one little-endian int16 (4 bits) or int32 (2 bits): code i sits at
         # bit 8i, so shifting it right by (8 - bits) * i moves it to bit bits*i; the low byte is the result.
-        lanes = c.contiguous().view(torch.int16 if per_byte == 2 else torch.int32)
+        lanes = _aligned(c, 2 if per_byte == 2 else 4).view(torch.int16 if per_byte == 2 else torch.int32)
         out = lanes | (lanes >> (8 - bits))
         for i in range(2, per_byte):
             out |= lanes >> ((8 - bits) * i)
@@ -92,7 +92,7 @@ def _pack_3bit_bytes(codes: torch.Tensor, lead: list, k: int, words: int) -> tor
     c = codes.to(torch.uint8)
     if k != runs * 8:
         c = torch.nn.functional.pad(c, (0, runs * 8 - k))
-    x = c.contiguous().view(torch.int64)  # [..., runs]
+    x = _aligned(c, 8).view(torch.int64)  # [..., runs]
     for shift, mask in ((5, 0x003F003F003F003F), (10, 0x00000FFF00000FFF), (20, 0xFFFFFF)):
         y = x >> shift
         y |= x
@@ -103,6 +103,12 @@ def _pack_3bit_bytes(codes: torch.Tensor, lead: list, k: int, words: int) -> tor
     if nbytes > runs * 3:
         stream = torch.nn.functional.pad(stream, (0, nbytes - runs * 3))
     return stream[..., :nbytes].contiguous().view(torch.int32)
+
+
+def _aligned(codes: torch.Tensor, nbytes: int) -> torch.Tensor:
+    """``codes`` contiguous and starting at a multiple of ``nbytes`` (a wider view needs an aligned start)."""
+    codes = codes.contiguous()
+    return codes if codes.storage_offset() % nbytes == 0 else codes.clone()
 
 
 def unpack_int32(packed: torch.Tensor, bits: int, num_codes: int) -> torch.Tensor:

@@ -63,8 +63,8 @@ def vqa_file(loaded, path, progress: bool = False, tokenizer=None) -> dict:
     """Accuracy on a VQA JSONL file: greedy exact match, or the most likely of ``choices``.
 
     The demo VLM uses its own prompt and 8x8 images; DeepSeek-VL2 and MolmoE (need ``tokenizer``) their
-    processors (``mopeq.vlm``), scoring `` {choice}`` after the prompt, and comparing a greedy answer
-    (case and surrounding space ignored) otherwise.
+    processors (``mopeq.vlm``), scoring `` {choice}`` after the prompt, or checking that greedy decoding
+    produces `` {answer}`` token for token (teacher-forced, as the demo's ``greedy_matches``).
     """
     from pathlib import Path
 
@@ -88,7 +88,7 @@ def vqa_file(loaded, path, progress: bool = False, tokenizer=None) -> dict:
 
 def _vqa_vlm(loaded, records, folder, tokenizer, progress: bool) -> dict:
     from .profiler.calibration import load_rgb
-    from .vlm import continuation_logprob, greedy_answer, image_inputs
+    from .vlm import continuation_logprob, greedy_matches, image_inputs
 
     correct = []
     for where, rec in tqdm(records, desc="vqa", unit="question", disable=not progress):
@@ -98,9 +98,7 @@ def _vqa_vlm(loaded, records, folder, tokenizer, progress: bool) -> dict:
                       for c in rec["choices"]]
             correct.append(rec["choices"][max(range(len(scores)), key=scores.__getitem__)] == rec["answer"])
         else:
-            length = len(tokenizer.encode(" " + rec["answer"], add_special_tokens=False))
-            answer = greedy_answer(loaded, tokenizer, inputs, length + 1)
-            correct.append(answer.strip().lower() == rec["answer"].strip().lower())
+            correct.append(greedy_matches(loaded, inputs, tokenizer.encode(" " + rec["answer"], add_special_tokens=False)))
     return {"accuracy": sum(correct) / len(correct), "questions": len(correct)}
 
 

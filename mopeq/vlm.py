@@ -25,14 +25,17 @@ def image_inputs(loaded, tokenizer, prompt: str, image) -> dict:
         from .models.deepseek_vl2_vision import encode
 
         return encode(f"<image>\n{prompt}", [image], tokenizer, loaded.config)
+    from .models.checkpoint import header
     from .models.molmo_vision import image_token_ids, molmo_image_inputs
+    from .models.molmoe import normalise
 
     vision = getattr(getattr(loaded.model, "model", None), "vision_backbone", None)
     if vision is None:
         raise InputError(f"images: {loaded.directory} has no model.vision_backbone.* tensors (runs text only)")
     g = vision.geometry
     bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-    return molmo_image_inputs(np.asarray(image), image_token_ids(loaded.config, tokenizer), base=g.grid * g.patch,
+    config = normalise(loaded.config, header(loaded.directory))  # e.g. additional_vocab_size from the tensors
+    return molmo_image_inputs(np.asarray(image), image_token_ids(config, tokenizer), base=g.grid * g.patch,
                               patch=g.patch, max_crops=int(loaded.config.get("max_crops", 12)),
                               margins=tuple(loaded.config.get("overlap_margins", (4, 4))),
                               prefix=[] if bos is None else [bos],
@@ -58,6 +61,10 @@ def continuation_logprob(loaded, inputs: dict, ids: list[int]) -> float:
 
 
 @torch.no_grad()
-def greedy_answer(loaded, tokenizer, inputs: dict, max_new_tokens: int) -> str:
-    out = loaded.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
-    return tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+def greedy_matches(loaded, inputs: dict, ids: list[int]) -> bool:
+    """Whether greedy decoding after ``inputs`` produces exactly the tokens ``ids`` (teacher-forced argmax,
+    so what the model says after a correct answer does not matter)."""
+    full = append(inputs, ids)
+    start = inputs["input_ids"].shape[1]
+    logits = loaded.model(**full, use_cache=False).logits[0, start - 1 : -1]
+    return logits.argmax(-1).tolist() == list(ids)

@@ -114,8 +114,10 @@ def image_folder_batches(folder: Path, config: dict, batch: int = 16, tokenizer=
 
     folder = Path(folder)
     if config.get("model_type") == "deepseek_vl_v2":
-        return vl2_batches(folder, config, tokenizer, batch=min(batch, 4))
+        return vl2_batches(folder, config, tokenizer)
     if config.get("model_type") in ("molmo", "molmoe"):
+        if directory is None:
+            raise InputError(f"{folder}: MolmoE image calibration needs the model directory (its vision geometry)")
         return molmo_batches(folder, config, tokenizer, Path(directory))
     if config.get("model_type") != "mopeq_demo_vlm":
         raise InputError(f"{folder}: image calibration folders are supported for the demo VLM, DeepSeek-VL2 and "
@@ -128,36 +130,23 @@ def image_folder_batches(folder: Path, config: dict, batch: int = 16, tokenizer=
              "modality": "image"} for s in range(0, len(records), batch)]
 
 
-def vl2_batches(folder: Path, config: dict, tokenizer, batch: int = 4) -> list[dict]:
-    """DeepSeek-VL2 batches: prompt ``<image>\n{question} {answer}`` per record, tiles from VL2's processor.
+def vl2_batches(folder: Path, config: dict, tokenizer) -> list[dict]:
+    """DeepSeek-VL2 batches, one sample each: prompt ``<image>\n{question} {answer}``, tiles from VL2's processor.
 
-    Labels are the next token at every text position (``-100`` where the next token is an image slot or
-    padding); samples are right-padded (harmless for a causal LM), tiles zero-padded.
+    Labels are the next token at every text position (``-100`` where the next token is an image slot).
+    One sample per batch: image token counts differ by hundreds (421 to 2017 per image), and padding
+    would run through the routers and count in every expert statistic.
     """
     from ..models.deepseek_vl2_vision import encode
 
-    samples = []
+    out = []
     for where, r in _image_records(folder):
         sample = encode(f"<image>\n{r['question']} {r['answer']}", [load_rgb(folder / r["image"], where)],
                         tokenizer, config)
         ids, mask = sample["input_ids"][0], sample["images_seq_mask"][0]
         labels = torch.full_like(ids, -100)
         labels[:-1] = torch.where(mask[1:], -100, ids[1:])
-        samples.append(dict(sample, labels=labels[None]))
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    out = []
-    for s in range(0, len(samples), batch):
-        group = samples[s:s + batch]
-        length = max(g["input_ids"].shape[1] for g in group)
-        tiles = max(g["images"].shape[1] for g in group)
-        widen = lambda t, value: torch.nn.functional.pad(t, (0, length - t.shape[1]), value=value)  # noqa: E731
-        out.append({"input_ids": torch.cat([widen(g["input_ids"], pad) for g in group]),
-                    "labels": torch.cat([widen(g["labels"], -100) for g in group]),
-                    "images_seq_mask": torch.cat([widen(g["images_seq_mask"], False) for g in group]),
-                    "images": torch.cat([torch.nn.functional.pad(g["images"], (0, 0, 0, 0, 0, 0, 0, tiles - g["images"].shape[1]))
-                                         for g in group]),
-                    "images_spatial_crop": torch.cat([g["images_spatial_crop"] for g in group]),
-                    "modality": "image"})
+        out.append(dict(sample, labels=labels[None], modality="image"))
     return out
 
 

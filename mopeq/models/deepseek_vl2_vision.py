@@ -282,6 +282,7 @@ def image_tiles(img, config: dict, cropping: bool = True) -> tuple[torch.Tensor,
     without ``cropping`` the local view is one ``S x S`` tile."""
     from PIL import ImageOps
 
+    img = img.convert("RGB")  # as VL2's processor does before padding (grey, palette, alpha images)
     vc, _ = vision_settings(config, Path("."))
     candidates = [tuple(c) for c in config.get("candidate_resolutions") or [(vc["image_size"], vc["image_size"])]]
     size = int(candidates[0][0])

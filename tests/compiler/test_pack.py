@@ -84,6 +84,13 @@ def test_matches_frozen_reference_for_every_row_length_up_to_two_word_cycles(bit
         assert torch.equal(pack_int32(codes, bits), frozen_pack(codes, bits)), k
 
 
+@pytest.mark.parametrize("bits", BITS)
+def test_codes_at_an_unaligned_storage_offset(bits):
+    base = random_codes((1, 3 + 4 * 40), bits, seed=7).to(torch.uint8)
+    codes = base[0, 3:].view(4, 40)  # contiguous, but starting 3 bytes into its storage
+    assert torch.equal(pack_int32(codes, bits), frozen_pack(codes, bits))
+
+
 @pytest.mark.parametrize("bits", (2, 4, 8))
 def test_equals_compressed_tensors_documented_layout(bits):
     codes = random_codes((64, 545), bits, seed=1)

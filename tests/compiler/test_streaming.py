@@ -10,7 +10,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from mopeq.compiler.artifact import ST_BYTES, ST_DTYPES, StreamingShardWriter, safetensors_header
+from mopeq.compiler.artifact import ST_BYTES, ST_DTYPES, ST_ORDER, StreamingShardWriter, safetensors_header
 from mopeq.compiler.pack import pack_int32
 from mopeq.compiler.quantize import quantize, quantize_packed
 
@@ -30,9 +30,6 @@ def mixed_tensors():
     return out
 
 
-# safetensors dtype names; ``save_file`` stores a file's tensors by this list (last first), then by name.
-ST_ORDER = ["BOOL", "U8", "I8", "F8_E5M2", "F8_E4M3", "F8_E8M0", "I16", "U16", "F16", "BF16", "I32", "U32",
-            "F32", "F64", "I64", "U64"]
 
 
 def test_header_equals_save_file(tmp_path):
@@ -78,10 +75,32 @@ def test_streaming_writer_shards_and_hashes(tmp_path, max_bytes):
             for name in f.keys():
                 assert torch.equal(f.get_tensor(name).reshape(-1).view(torch.uint8),
                                    tensors[name].reshape(-1).view(torch.uint8))
-        raw = (tmp_path / shard).read_bytes()  # data in arrival order, no gaps, nothing after the last tensor
+        raw = (tmp_path / shard).read_bytes()  # no gaps, nothing after the last tensor, every tensor aligned
         names_here = [n for n in names if weight_map[n] == shard]
         assert len(raw) == 8 + int.from_bytes(raw[:8], "little") + sum(
             ST_BYTES[ST_DTYPES[tensors[n].dtype]] * tensors[n].numel() for n in names_here)
+        header = __import__("json").loads(raw[8:8 + int.from_bytes(raw[:8], "little")])
+        assert all(e["data_offsets"][0] % ST_BYTES[e["dtype"]] == 0 for k, e in header.items() if k != "__metadata__")
+
+
+def test_aligned_arrival_order_is_kept_and_hashed_as_written(tmp_path):
+    """A shard whose arrival order is aligned keeps it (streamed hashing); one that is not gets dtype order."""
+    specs = [("a", "I64", [2]), ("b", "F32", [3]), ("c", "F32", [1]), ("d", "U8", [3])]
+    w = StreamingShardWriter(tmp_path, 1 << 20, specs)
+    assert w.in_order == [True]
+    w.close()
+    bad = [("z", "U8", [3]), ("y", "F32", [4]), ("x", "F16", [1]), ("w", "I64", [2])]
+    (tmp_path / "x").mkdir()
+    w2 = StreamingShardWriter(tmp_path / "x", 1 << 20, bad)
+    assert w2.in_order == [False]
+    for name, dtype, shape in bad:
+        w2.add(name, torch.ones(shape, dtype={v: k for k, v in ST_DTYPES.items()}[dtype]))
+    w2.finish()
+    w2.close()
+    with safe_open(str(tmp_path / "x" / "model-00001-of-00001.safetensors"), "pt") as f:
+        assert f.get_tensor("y").data_ptr() % 4 == 0 and f.get_tensor("w").data_ptr() % 8 == 0
+    assert w2.sha256["model-00001-of-00001.safetensors"] == hashlib.sha256(
+        (tmp_path / "x" / "model-00001-of-00001.safetensors").read_bytes()).hexdigest()
 
 
 def test_streaming_writer_refuses_out_of_order(tmp_path):

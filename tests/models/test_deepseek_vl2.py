@@ -234,6 +234,15 @@ def test_processor_tiles_and_token_counts(tiny_models):
     assert int(three["images_seq_mask"].sum()) == 3 * tokens_per_image(16, 4, 2, 1, 1)
     with pytest.raises(InputError, match="placeholders"):
         vl2_sample(directory, ((37, 20),), text="no image here")
+    from PIL import Image
+    from transformers import AutoTokenizer
+
+    from mopeq.models import read_config
+    from mopeq.models.deepseek_vl2_vision import encode
+
+    grey = Image.new("L", (30, 20), 200)  # converted to RGB first, as VL2's processor does
+    out = encode("<image>\nx", [grey], AutoTokenizer.from_pretrained(directory), read_config(directory))
+    assert out["images"].shape[2] == 3 and torch.allclose(out["images"][0, 0, :, 8, 8], torch.full((3,), 200 / 127.5 - 1))
 
 
 def _calib_folder(folder, n=6):
@@ -269,7 +278,7 @@ def test_image_calibration_profile_compile_run(tiny_models, tmp_path):
     loaded = open_model(directory)
     batches = image_folder_batches(_calib_folder(tmp_path / "calib"), read_config(directory),
                                    tokenizer=AutoTokenizer.from_pretrained(directory))
-    assert len(batches) == 2 and all(b["images"].dim() == 5 for b in batches)
+    assert len(batches) == 6 and all(b["images"].dim() == 5 and b["input_ids"].shape[0] == 1 for b in batches)
     info = summary(batches, "calib")
     profile = profile_model(loaded, batches, info, bits=(8,), group_size=32, progress=False)
     assert set(profile.meta.calibration["tokens_by_modality"]) == {"image"}
