@@ -101,11 +101,16 @@ def non_expert_params(cfg: dict, config: dict, dense_layers: int) -> int:
 
 
 def _vision_params(config: dict) -> int:
-    """DeepSeek-VL2: counted from its vision/projector config; others: the config's ``_mopeq_vision_params``."""
+    """DeepSeek-VL2: counted from its vision/projector config; MolmoE: from the remote code's default
+    backbone; others: the config's ``_mopeq_vision_params`` (0 when absent)."""
     if config.get("model_type") == "deepseek_vl_v2" and "vision_config" in config:
         from .models.deepseek_vl2_vision import vision_params
 
         return vision_params(config)
+    if config.get("model_type") in ("molmo", "molmoe"):
+        from .models.molmo_vision import default_geometry, param_count
+
+        return param_count(default_geometry(int(config.get("d_model") or config["hidden_size"])))
     return int(config.get("_mopeq_vision_params", 0))
 
 

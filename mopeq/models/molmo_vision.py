@@ -119,6 +119,18 @@ def expected_shapes(g: VisionGeometry) -> dict[str, tuple[int, ...]]:
     return out
 
 
+def default_geometry(d_model: int) -> VisionGeometry:
+    """MolmoE-1B's backbone as the remote code builds it by default (ViT-L/14 at 336 px, 23 layers, 16 heads,
+    MLP 4096, vit_layers [-2, -9]); the projector width 1024 (= ``mlp_ratio 1 * d_model / 2``) is inferred."""
+    return VisionGeometry(width=1024, layers=23, heads=DEFAULT_HEADS, mlp=4096, patch=14, grid=24,
+                          projector=d_model // 2, d_model=d_model, vit_layers=(-2, -9), eps=1e-5)
+
+
+def param_count(g: VisionGeometry) -> int:
+    """Parameters of the backbone's checkpoint tensors."""
+    return sum(math.prod(shape) for shape in expected_shapes(g).values())
+
+
 def vision_settings(config: dict) -> dict:
     """``vision_backbone.*`` and top-level ``image_*``/``vit_layers`` keys, defaults where absent."""
     nested = config.get("vision_backbone") if isinstance(config.get("vision_backbone"), dict) else {}

@@ -410,3 +410,13 @@ def test_image_calibration_folder_through_the_cli(molmoe_dirs, tmp_path):
     assert main(["run", str(tmp_path / "a"), "--prompt", "what is it?", "--image", str(folder / "1.png"),
                  "--max-new-tokens", "2"]) == 0
     assert main(["eval", str(tmp_path / "a"), "--task", "vqa", "--data", str(folder / "index.jsonl"), "--json"]) == 0
+
+
+def test_default_vision_param_count_matches_a_built_backbone():
+    """`mopeq estimate`'s MolmoE vision size: the tensors of the default backbone, counted on a built module."""
+    from mopeq.models.molmo_vision import MolmoVisionBackbone, default_geometry, param_count
+
+    g = default_geometry(2048)
+    with torch.device("meta"):
+        built = sum(p.numel() for p in MolmoVisionBackbone(g).parameters())
+    assert param_count(g) == built
