@@ -12,6 +12,7 @@ expert (shared included) quantized uniformly to 2 and 3 bits by RTN, RTN + clip 
 
     OMP_NUM_THREADS=1 python bench/bench_compile.py speed --size-mb 300
     OMP_NUM_THREADS=1 python bench/bench_compile.py speed --size-mb 300 --bits 2,3,4,8 --asymmetric
+    OMP_NUM_THREADS=1 python bench/bench_compile.py speed --size-mb 300 --per-expert
     OMP_NUM_THREADS=1 python bench/bench_compile.py quality --model /tmp/demo_try
 """
 
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import statistics
 import subprocess
@@ -42,8 +44,12 @@ def synthetic_config(hidden: int, inter: int, experts: int, layers: int) -> dict
     return cfg.to_dict()
 
 
-def write_synthetic(directory: Path, size_mb: int, shard_mb: int) -> dict:
-    """Random bf16 tensors with the real key names, one shard per ~``shard_mb``; returns the config."""
+def write_synthetic(directory: Path, size_mb: int, shard_mb: int, per_expert: bool = False) -> dict:
+    """Random bf16 tensors with the real key names, one shard per ~``shard_mb``; returns the config.
+
+    Experts are stored as transformers 5 holds them (fused ``experts.gate_up_proj`` ``[E, 2I, H]`` and
+    ``experts.down_proj``), or with ``per_expert`` as published DeepSeek-V2 checkpoints store them (one
+    ``experts.{j}.{gate,up,down}_proj.weight`` tensor each)."""
     from safetensors.torch import save_file
 
     from mopeq.models import skeleton
@@ -52,11 +58,13 @@ def write_synthetic(directory: Path, size_mb: int, shard_mb: int) -> dict:
     hidden, inter = 1024, 512
     experts = max(2, int(size_mb * 2**20 / (layers * 3 * hidden * inter * 2)))
     config = synthetic_config(hidden, inter, experts, layers)
-    state = skeleton(config, directory).model.state_dict()
+    state = {k: v.shape for k, v in skeleton(config, directory).model.state_dict().items()}
+    if per_expert:
+        state = split_experts(state)
     gen = torch.Generator().manual_seed(0)
     shards, current, nbytes = [], {}, 0
-    for key, meta in state.items():
-        current[key] = (torch.randn(meta.shape, generator=gen) * 0.02).to(torch.bfloat16)
+    for key, shape in state.items():
+        current[key] = (torch.randn(shape, generator=gen) * 0.02).to(torch.bfloat16)
         nbytes += current[key].numel() * 2
         if nbytes >= shard_mb * 2**20:
             shards.append(current)
@@ -70,6 +78,22 @@ def write_synthetic(directory: Path, size_mb: int, shard_mb: int) -> dict:
     (directory / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
     (directory / "config.json").write_text(json.dumps(config))
     return config
+
+
+def split_experts(shapes: dict) -> dict:
+    """Fused ``experts.gate_up_proj`` / ``experts.down_proj`` shapes -> one ``experts.{j}.*_proj.weight`` each."""
+    out = {}
+    for key, shape in shapes.items():
+        if key.endswith("experts.gate_up_proj"):
+            prefix = key[: -len("gate_up_proj")]
+            for j in range(shape[0]):
+                out[f"{prefix}{j}.gate_proj.weight"] = out[f"{prefix}{j}.up_proj.weight"] = (shape[1] // 2, shape[2])
+        elif key.endswith("experts.down_proj"):
+            for j in range(shape[0]):
+                out[f"{key[: -len('down_proj')]}{j}.down_proj.weight"] = tuple(shape[1:])
+        else:
+            out[key] = tuple(shape)
+    return out
 
 
 def uniform_plan(directory: Path, bits: int | list[int], symmetric: bool = True, group_size: int = 128,
@@ -145,6 +169,9 @@ def child_compile(src: Path, dst: Path, shard_mb: int, bits: list[int], symmetri
 
 
 def run_child(mode: str, src: Path, dst: Path, shard_mb: int, bits: list[int] = (4,), symmetric: bool = True) -> dict:
+    """One measurement in a fresh process, after ``sync``: the previous run's dirty pages (a 300 MB copy)
+    are written back first instead of during this run (without it, runs measured up to 2x slower)."""
+    os.sync()
     extra = f", {shard_mb}, {list(bits)}, {symmetric}" if mode == "compile" else ""
     code = (f"import json, sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import bench_compile as b; "
             f"from pathlib import Path; print(json.dumps(b.child_{mode}(Path({str(src)!r}), Path({str(dst)!r})"
@@ -153,11 +180,12 @@ def run_child(mode: str, src: Path, dst: Path, shard_mb: int, bits: list[int] = 
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def bench_speed(size_mb: int, shard_mb: int, runs: int = 3, bits: list[int] = (4,), symmetric: bool = True) -> None:
+def bench_speed(size_mb: int, shard_mb: int, runs: int = 3, bits: list[int] = (4,), symmetric: bool = True,
+                per_expert: bool = False) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         src = Path(tmp, "src")
         src.mkdir()
-        config = write_synthetic(src, size_mb, shard_mb)
+        config = write_synthetic(src, size_mb, shard_mb, per_expert)
         shards = sorted(src.glob("*.safetensors"))
         largest = max(s.stat().st_size for s in shards) / 2**20
         total = sum(s.stat().st_size for s in shards) / 2**20
@@ -179,7 +207,7 @@ def bench_speed(size_mb: int, shard_mb: int, runs: int = 3, bits: list[int] = (4
     comp = {k: med([c[k] for c in comps]) for k in ("seconds", "peak_mb")}
     print(f"checkpoint: {total:.0f} MB bf16 in {len(shards)} shards (largest {largest:.0f} MB), "
           f"one MoE layer's experts {layer:.0f} MB; artifact {out_mb:.0f} MB ({'/'.join(map(str, bits))}-bit RTN, "
-          f"{'sym' if symmetric else 'asym'}, g128); "
+          f"{'sym' if symmetric else 'asym'}, g128; experts {'one tensor each' if per_expert else 'fused'}); "
           f"medians of {runs} runs, torch threads {torch.get_num_threads()}")
     print(f"plain copy : {copy['seconds']:.2f} s ({total / copy['seconds']:.0f} MB/s), peak +{copy['peak_mb']:.0f} MB")
     print(f"compile    : {comp['seconds']:.2f} s ({total / comp['seconds']:.0f} MB/s), peak +{comp['peak_mb']:.0f} MB")
@@ -246,11 +274,13 @@ def main() -> None:
                    "widths, dealt out round robin over the experts (default 4)")
     p.add_argument("--symmetric", action="store_true", help="quality: symmetric quantization (default asymmetric)")
     p.add_argument("--asymmetric", action="store_true", help="speed: asymmetric quantization (default symmetric)")
+    p.add_argument("--per-expert", action="store_true", help="speed: one tensor per expert matrix on disk, as "
+                   "published DeepSeek-V2 checkpoints store them (default: transformers' fused tensors)")
     args = p.parse_args()
     torch.manual_seed(0)
     if args.mode == "speed":
         bench_speed(args.size_mb, args.shard_mb, args.runs, [int(b) for b in (args.bits or "4").split(",")],
-                    not args.asymmetric)
+                    not args.asymmetric, args.per_expert)
     else:
         bench_quality(args.model, [int(b) for b in (args.bits or "2,3").split(",")], args.symmetric)
 
