@@ -66,6 +66,10 @@ class LayerStreamer:
         self.directory = resolve_dir(path)
         self.config = read_config(self.directory)
         self.adapter = skeleton(self.config, self.directory, device="meta")
+        if self.adapter.family == "molmo":  # OLMo names (fused att_proj, stacked experts) are converted on load
+            raise InputError(f"{self.directory}: layer-streamed profiling does not read MolmoE checkpoints (their "
+                             f"tensors are renamed and split when loaded); profile in memory (drop --resume / "
+                             f"raise --max-memory)")
         self.model = self.adapter.model.eval()
         self.reader = CheckpointReader(self.directory)
         self.stats = StreamStats()

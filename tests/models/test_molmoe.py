@@ -420,3 +420,10 @@ def test_default_vision_param_count_matches_a_built_backbone():
     with torch.device("meta"):
         built = sum(p.numel() for p in MolmoVisionBackbone(g).parameters())
     assert param_count(g) == built
+
+
+def test_layer_streamed_profiling_refuses_molmoe_in_one_line(molmoe_dirs):
+    from mopeq.profiler.stream import LayerStreamer
+
+    with pytest.raises(InputError, match="layer-streamed profiling does not read MolmoE"):
+        LayerStreamer(molmoe_dirs["megablocks"])
