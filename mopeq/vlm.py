@@ -25,16 +25,14 @@ def image_inputs(loaded, tokenizer, prompt: str, image) -> dict:
         from .models.deepseek_vl2_vision import encode
 
         return encode(f"<image>\n{prompt}", [image], tokenizer, loaded.config)
-    from .models.checkpoint import header
     from .models.molmo_vision import image_token_ids, molmo_image_inputs
-    from .models.molmoe import normalise
 
     vision = getattr(getattr(loaded.model, "model", None), "vision_backbone", None)
     if vision is None:
         raise InputError(f"images: {loaded.directory} has no model.vision_backbone.* tensors (runs text only)")
     g = vision.geometry
     bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-    config = normalise(loaded.config, header(loaded.directory))  # e.g. additional_vocab_size from the tensors
+    config = loaded.model.source_config  # normalised at build time (e.g. additional_vocab_size from the tensors)
     return molmo_image_inputs(np.asarray(image), image_token_ids(config, tokenizer), base=g.grid * g.patch,
                               patch=g.patch, max_crops=int(loaded.config.get("max_crops", 12)),
                               margins=tuple(loaded.config.get("overlap_margins", (4, 4))),

@@ -198,9 +198,11 @@ class MoEAdapter:
 
 
 class LanguageAdapter(MoEAdapter):
-    """Families whose runnable LM sits under ``model.language`` (VLM wrappers): text-only forward."""
+    """Families whose runnable LM sits under ``model.language`` (VLM wrappers). ``forward`` passes the
+    batch's ``image_keys`` (the family's image inputs) to the model when present; none: text only."""
 
     disk_prefix = "language.model.layers"
+    image_keys: tuple[str, ...] = ()
 
     def decoder_layers(self) -> nn.ModuleList:
         return self.model.language.model.layers
@@ -209,4 +211,5 @@ class LanguageAdapter(MoEAdapter):
         return self.model.language.config
 
     def forward(self, batch: dict) -> torch.Tensor:
-        return self.model(input_ids=batch["input_ids"], use_cache=False).logits
+        images = {k: batch[k] for k in self.image_keys if batch.get(k) is not None}
+        return self.model(input_ids=batch["input_ids"], use_cache=False, **images).logits

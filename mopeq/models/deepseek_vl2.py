@@ -238,24 +238,27 @@ class DeepseekVL2Text(TextOnlyWrapper):
     def forward(self, input_ids=None, images=None, images_seq_mask=None, images_spatial_crop=None, **kwargs):
         if images is None or images_spatial_crop is None:
             return self.language(input_ids=input_ids, **kwargs)
-        if not self.has_vision:
-            raise InputError("images: this checkpoint has no vision.* tensors (a language-only DeepSeek-VL2)")
-        embeds = image_embeds(self, input_ids, images, images_seq_mask, images_spatial_crop, self.global_view_pos)
-        return self.language(inputs_embeds=embeds, **kwargs)
+        return self.language(inputs_embeds=self.image_embeddings(input_ids, images, images_seq_mask,
+                                                                 images_spatial_crop), **kwargs)
 
     def generate(self, input_ids=None, images=None, images_seq_mask=None, images_spatial_crop=None, **kwargs):
         if images is None or images_spatial_crop is None:
             return self.language.generate(input_ids, **kwargs)
+        embeds = self.image_embeddings(input_ids, images, images_seq_mask, images_spatial_crop)
+        return self.language.generate(input_ids=input_ids, inputs_embeds=embeds, **kwargs)
+
+    def image_embeddings(self, input_ids, images, images_seq_mask, images_spatial_crop) -> torch.Tensor:
+        """Text embeddings with the image features in their ``<image>`` slots (VL2's ``prepare_inputs_embeds``)."""
         if not self.has_vision:
             raise InputError("images: this checkpoint has no vision.* tensors (a language-only DeepSeek-VL2)")
-        embeds = image_embeds(self, input_ids, images, images_seq_mask, images_spatial_crop, self.global_view_pos)
-        return self.language.generate(input_ids=input_ids, inputs_embeds=embeds, **kwargs)
+        return image_embeds(self, input_ids, images, images_seq_mask, images_spatial_crop, self.global_view_pos)
 
 
 class DeepseekVL2Adapter(LanguageAdapter):
     """DeepSeek-VL2: DeepSeek-V2 MoE blocks under ``language.model.layers``; text-only forward."""
 
     family = "deepseek_vl_v2"
+    image_keys = ("images", "images_seq_mask", "images_spatial_crop")
 
     @classmethod
     def build_model(cls, config: dict, where) -> nn.Module:
@@ -282,6 +285,3 @@ class DeepseekVL2Adapter(LanguageAdapter):
         state = vision_to_memory(fuse_experts(read_state(Path(directory))))
         return load_into(model, state, Path(directory)).to(dtype)
 
-    def forward(self, batch: dict) -> torch.Tensor:
-        images = {k: batch[k] for k in ("images", "images_seq_mask", "images_spatial_crop") if batch.get(k) is not None}
-        return self.model(input_ids=batch["input_ids"], use_cache=False, **images).logits

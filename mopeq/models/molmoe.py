@@ -283,12 +283,8 @@ class MolmoeAdapter(LanguageAdapter):
     """MolmoE: OLMoE blocks under ``language.model.layers``; text or image+text forward; no shared experts."""
 
     family = "molmo"
+    image_keys = ("images", "image_masks", "image_input_idx")
     shared_attr = None
-
-    def forward(self, batch: dict) -> torch.Tensor:
-        """Logits; ``images``/``image_masks``/``image_input_idx`` go to the vision path when the batch has them."""
-        extra = {k: batch[k] for k in ("images", "image_masks", "image_input_idx") if batch.get(k) is not None}
-        return self.model(input_ids=batch["input_ids"], use_cache=False, **extra).logits
 
     # --- disk ------------------------------------------------------------------------------------
     def layer_disk_prefix(self, layer: int) -> str:
@@ -326,6 +322,7 @@ class MolmoeAdapter(LanguageAdapter):
         model = MolmoeText(olmoe_config(config, where / "config.json"), g["embed"], g["extra"], frozen, vision)
         model.rope_impl = g["interleaved"]
         model.tied = g["tied"]
+        model.source_config = config  # normalised: e.g. additional_vocab_size filled from the checkpoint
         return model
 
     @classmethod
