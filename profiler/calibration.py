@@ -187,7 +187,7 @@ def molmo_batches(folder: Path, config: dict, tokenizer, directory: Path) -> lis
 def load_rgb(path: Path, where: str):
     """A PIL RGB image from any file PIL reads (``.npy`` arrays ``[H, W, 3]`` uint8 too)."""
     import numpy as np
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
 
     if not path.is_file():
         raise InputError(f"{where}: image {path} not found")
@@ -196,9 +196,17 @@ def load_rgb(path: Path, where: str):
         if arr.ndim != 3 or arr.shape[-1] != 3 or arr.dtype != np.uint8:
             raise InputError(f"{where}: {path} has shape {arr.shape} dtype {arr.dtype}, expected uint8 [H, W, 3]")
         return Image.fromarray(arr)
+    return open_image(path, where, "RGB")
+
+
+def open_image(path: Path, where: str, mode: str):
+    """The image file at ``path`` decoded and converted to PIL ``mode``; any unreadable file is an
+    ``InputError`` (PIL reports damage as ``OSError``, ``SyntaxError``, ``ValueError`` or a decompression bomb)."""
+    from PIL import Image, UnidentifiedImageError
+
     try:
         with Image.open(path) as img:
-            return img.convert("RGB")
+            return img.convert(mode)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         raise InputError(f"{where}: {path} is not a readable image ({' '.join(str(exc).split())[:200]})") from None
 
@@ -269,11 +277,8 @@ def load_image(path: Path, where: str, size: int = 8) -> torch.Tensor:
             raise InputError(f"{where}: {path} has shape {arr.shape} dtype {arr.dtype}, expected numeric ({size}, {size})")
         return torch.tensor(arr, dtype=torch.float32).clamp(0, 1)
     if path.suffix.lower() == ".png":
-        from PIL import Image, UnidentifiedImageError
+        from PIL import Image
 
-        try:
-            img = Image.open(path).convert("L").resize((size, size), Image.BILINEAR)
-        except (UnidentifiedImageError, OSError) as exc:
-            raise InputError(f"{where}: {path} is not a readable PNG ({exc})") from None
+        img = open_image(path, where, "L").resize((size, size), Image.BILINEAR)
         return torch.tensor(np.asarray(img, dtype=np.float32) / 255.0)
     raise InputError(f"{where}: {path} has suffix {path.suffix!r}, expected .npy or .png")
