@@ -16,8 +16,6 @@ FAMILIES = ("deepseek_vl_v2", "molmo", "molmoe")
 
 def image_inputs(loaded, tokenizer, prompt: str, image) -> dict:
     """Inputs for one PIL ``image`` and ``prompt`` on ``loaded`` (an opened model or a loaded artifact)."""
-    import numpy as np
-
     model_type = loaded.config["model_type"]
     if model_type not in FAMILIES:
         raise InputError(f"images: model_type {model_type!r} runs text only (images: demo VLM, DeepSeek-VL2, MolmoE)")
@@ -25,19 +23,27 @@ def image_inputs(loaded, tokenizer, prompt: str, image) -> dict:
         from .models.deepseek_vl2_vision import encode
 
         return encode(f"<image>\n{prompt}", [image], tokenizer, loaded.config)
-    from .models.molmo_vision import image_token_ids, molmo_image_inputs
-
     vision = getattr(getattr(loaded.model, "model", None), "vision_backbone", None)
     if vision is None:
         raise InputError(f"images: {loaded.directory} has no model.vision_backbone.* tensors (runs text only)")
-    g = vision.geometry
+    # the normalised config of the build (e.g. additional_vocab_size from the tensors)
+    return molmo_inputs(loaded.model.source_config, vision.geometry, tokenizer, image, f" User: {prompt} Assistant:")
+
+
+def molmo_inputs(config: dict, geometry, tokenizer, image, text: str) -> dict:
+    """MolmoE: BOS (or EOS), the image tokens of ``molmo_image_inputs`` (global view + overlapping crops, up
+    to ``max_crops`` from config.json, default 12, margins ``overlap_margins``, default [4, 4]), then ``text``."""
+    import numpy as np
+
+    from .models.molmo_vision import image_token_ids, molmo_image_inputs
+
     bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-    config = loaded.model.source_config  # normalised at build time (e.g. additional_vocab_size from the tensors)
-    return molmo_image_inputs(np.asarray(image), image_token_ids(config, tokenizer), base=g.grid * g.patch,
-                              patch=g.patch, max_crops=int(loaded.config.get("max_crops", 12)),
-                              margins=tuple(loaded.config.get("overlap_margins", (4, 4))),
+    return molmo_image_inputs(np.asarray(image), image_token_ids(config, tokenizer),
+                              base=geometry.grid * geometry.patch, patch=geometry.patch,
+                              max_crops=int(config.get("max_crops", 12)),
+                              margins=tuple(int(m) for m in config.get("overlap_margins", (4, 4))),
                               prefix=[] if bos is None else [bos],
-                              suffix=tokenizer.encode(f" User: {prompt} Assistant:", add_special_tokens=False))
+                              suffix=tokenizer.encode(text, add_special_tokens=False))
 
 
 def append(inputs: dict, ids: list[int]) -> dict:

@@ -151,32 +151,23 @@ def vl2_batches(folder: Path, config: dict, tokenizer) -> list[dict]:
 
 
 def molmo_batches(folder: Path, config: dict, tokenizer, directory: Path) -> list[dict]:
-    """MolmoE batches, one image each (crop counts differ): BOS, the image tokens of MolmoE's processor
-    (``molmo_image_inputs``: global view + overlapping crops, up to ``max_crops`` from config.json, default
-    12, margins ``overlap_margins``, default [4, 4]), then `` User: {question} Assistant: {answer}``.
-    Labels are the next token at every position whose next token is text."""
-    import numpy as np
-
+    """MolmoE batches, one image each (crop counts differ): ``mopeq.vlm.molmo_inputs`` with the text
+    `` User: {question} Assistant: {answer}``. Labels are the next token wherever that token is text."""
     from ..models.checkpoint import header
-    from ..models.molmo_vision import image_token_ids, molmo_image_inputs, vision_geometry
+    from ..models.molmo_vision import image_token_ids, vision_geometry
     from ..models.molmoe import geometry, normalise
+    from ..vlm import molmo_inputs
 
     tensors = header(directory)
     cfg = normalise(config, tensors)
     g = vision_geometry(cfg, tensors, geometry(cfg, directory / "config.json")["d"], directory)
     if g is None:
         raise InputError(f"{directory}: no model.vision_backbone.* tensors: this MolmoE checkpoint runs text only")
-    ids = image_token_ids(cfg, tokenizer)
-    special = torch.tensor(sorted(ids.values()))
-    bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-    margins = tuple(int(m) for m in config.get("overlap_margins", (4, 4)))
+    special = torch.tensor(sorted(image_token_ids(cfg, tokenizer).values()))
     out = []
     for where, r in _image_records(folder):
-        pixels = np.asarray(load_rgb(folder / r["image"], where))
-        suffix = tokenizer.encode(f" User: {r['question']} Assistant: {r['answer']}", add_special_tokens=False)
-        b = molmo_image_inputs(pixels, ids, base=g.grid * g.patch, patch=g.patch, margins=margins,
-                               max_crops=int(config.get("max_crops", 12)), prefix=[] if bos is None else [bos],
-                               suffix=suffix)
+        b = molmo_inputs(cfg, g, tokenizer, load_rgb(folder / r["image"], where),
+                         f" User: {r['question']} Assistant: {r['answer']}")
         labels = torch.full_like(b["input_ids"], -100)
         following = b["input_ids"][:, 1:]
         labels[:, :-1] = torch.where(torch.isin(following, special), -100, following)
