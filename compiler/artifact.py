@@ -316,7 +316,7 @@ class StreamingShardWriter:
         self.left: list[int] = []
         self.digests: list[_ShardHash] = []
         self.in_order: list[bool] = []  # data in arrival order (hashed as it fills) or dtype order
-        self.data_start: list[int] = []
+        self.data_span: list[tuple[int, int]] = []  # (first data byte, size in bytes) of each shard
         for i, group in enumerate(groups):
             path = directory / f"shard-{i:05d}.tmp"
             header, offsets = safetensors_header(group, ST_METADATA)
@@ -324,7 +324,7 @@ class StreamingShardWriter:
             if not aligned:
                 header, offsets = safetensors_header(sorted(group, key=_save_file_order), ST_METADATA)
             self.in_order.append(aligned)
-            self.data_start.append(len(header))
+            self.data_span.append((len(header), sum(ST_BYTES[d] * _numel(s) for _, d, s in group)))
             for name, dtype, shape in group:
                 self.where[name] = (i, dtype, list(shape), len(header) + offsets[name],
                                     ST_BYTES[dtype] * _numel(shape))
@@ -333,7 +333,7 @@ class StreamingShardWriter:
             self.digests.append(_ShardHash(path, header))
             with open(path, "wb") as f:
                 f.write(header)
-                f.truncate(len(header) + sum(ST_BYTES[d] * _numel(s) for _, d, s in group))
+                f.truncate(sum(self.data_span[-1]))
         self.fds: dict[int, int] = {}
         self.hasher = ThreadPoolExecutor(1, thread_name_prefix="mopeq-sha256")
         self.queued: deque[Future] = deque()
@@ -372,8 +372,7 @@ class StreamingShardWriter:
         last = not self.left[shard]
         if not self.in_order[shard]:  # dtype order: the file fills out of order, hash it whole at the end
             if last:
-                start = self.data_start[shard]
-                self._hash(shard, start, os.fstat(self.fds[shard]).st_size - start, True)
+                self._hash(shard, *self.data_span[shard], True)
         else:
             start, size = self.unhashed.get(shard, (offset, 0))
             size += nbytes
