@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
+from . import native
 from .pack import SUPPORTED_BITS, pack_int32, packed_words
 
 CLIP_RATIOS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7)
@@ -116,7 +117,8 @@ def quantize_packed(w: torch.Tensor, bits: int, group_size: int, symmetric: bool
 
     Quantization is row-wise, so running it on row blocks gives the same bits as the whole matrix
     (``tests/compiler/test_streaming.py`` checks byte equality) while every fp32 temporary stays small
-    and cache-resident; no ``[N, K]`` fp32 or uint8 code tensor is ever built.
+    and cache-resident; no ``[N, K]`` fp32 or uint8 code tensor is ever built. Without clip search the
+    native kernel (``native.py``) does the same in one pass over the weights, bit for bit, where it builds.
     """
     _check_weight(w, bits)
     n, k = w.shape
@@ -125,8 +127,10 @@ def quantize_packed(w: torch.Tensor, bits: int, group_size: int, symmetric: bool
     packed = torch.empty(n, packed_words(k, bits), dtype=torch.int32)
     scale = torch.empty(n, g, dtype=scale_dtype)
     zero = None if symmetric else torch.empty(n, g, dtype=torch.uint8)
-    rows = max(1, block_elements // max(k, 1))
     w = w.detach()
+    if not clip_search and native.rtn_pack(w, bits, gs, symmetric, scale_dtype, packed, scale, zero):
+        return packed, scale, zero
+    rows = max(1, block_elements // max(k, 1))
     for r0 in range(0, n, rows):
         block = w[r0 : r0 + rows]
         if clip_search:

@@ -1,0 +1,123 @@
+"""The native RTN + pack kernel (``compiler/rtn_pack.c``) against the torch path, bit for bit, and its fallbacks."""
+
+import logging
+
+import pytest
+import torch
+
+from mopeq.compiler import native
+from mopeq.compiler.pack import pack_int32
+from mopeq.compiler.quantize import quantize, quantize_packed
+
+needs_kernel = pytest.mark.skipif(native.compiler() is None, reason="no C compiler on this machine")
+
+
+def torch_path(monkeypatch, *args):
+    with monkeypatch.context() as m:
+        m.setenv("MOPEQ_NATIVE", "0")
+        return quantize_packed(*args)
+
+
+def assert_same(a, b, what=""):
+    for x, y in zip(a, b):
+        assert (x is None) == (y is None), what
+        if x is not None:
+            assert x.dtype == y.dtype and torch.equal(x.contiguous().view(torch.uint8), y.contiguous().view(torch.uint8)), what
+
+
+def hard_weights(n: int, k: int, dtype: torch.dtype, seed: int) -> torch.Tensor:
+    """Gaussian rows at magnitudes from 1e-12 (scales clamp at 1e-10, fp16 scales at 2**-14) to 1e4, one-sided
+    rows (zero point at an end), constant and all-zero rows, exact ties, signed zeros."""
+    gen = torch.Generator().manual_seed(seed)
+    mag = 10.0 ** torch.randint(-12, 5, (n, 1), generator=gen).float()
+    w = torch.randn(n, k, generator=gen) * mag
+    w[1::7] = w[1::7].abs()
+    w[2::7] = -w[2::7].abs()
+    w[3::11] = 0.37
+    w[4::13] = 0.0
+    w[5::17, : min(k, 6)] = torch.tensor([0.5, -0.5, 1.5, 0.0, -0.0, 2.5])[: min(k, 6)]
+    return w.to(dtype)
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_native_equals_torch_path(monkeypatch, dtype, bits, symmetric):
+    assert native.library() is not None
+    for n, k, group in [(64, 256, 128), (37, 300, 128), (5, 7, 128), (19, 1000, 32), (3, 33, 16), (1, 1, 128)]:
+        w = hard_weights(n, k, dtype, seed=bits * 100 + k)
+        for scale_dtype in (torch.bfloat16, torch.float16):
+            args = (w, bits, group, symmetric, False, scale_dtype)
+            out = quantize_packed(*args)
+            assert_same(out, torch_path(monkeypatch, *args), (n, k, group, scale_dtype))
+            q = quantize(w, bits, group, symmetric, False, scale_dtype)  # the reference quantizer
+            assert torch.equal(out[0], pack_int32(q.codes, bits))
+
+
+@needs_kernel
+def test_native_reads_strided_rows(monkeypatch):
+    """A slice of a fused [E, 2I, H] tensor (gate half of gate_up) and a transposed view."""
+    fused = hard_weights(96, 256, torch.bfloat16, seed=1).view(3, 32, 256)
+    for w in (fused[1, :16], fused[2, :, :128], fused[0].t()):
+        args = (w, 4, 128, False, False, torch.bfloat16)
+        assert_same(quantize_packed(*args), torch_path(monkeypatch, *args))
+
+
+@needs_kernel
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf"), 1e30])
+def test_non_finite_groups_fall_back_to_torch(monkeypatch, bad):
+    """NaN/inf weights and fp16 scale overflow (1e30 / 7 > 65504) are left to the torch path: same output."""
+    w = torch.randn(8, 256, generator=torch.Generator().manual_seed(0))
+    w[5, 130] = bad
+    calls = []
+    real = native.library()
+
+    class Spy:
+        def __getattr__(self, name):
+            calls.append(name)
+            return getattr(real, name)
+
+    monkeypatch.setattr(native, "library", lambda: Spy())
+    args = (w, 3, 128, False, False, torch.float16)
+    out = quantize_packed(*args)
+    assert calls == ["mopeq_rtn_pack"]
+    assert_same(out, torch_path(monkeypatch, *args))
+
+
+def test_unbuildable_kernel_falls_back(monkeypatch, tmp_path, caplog):
+    """A compiler that fails: one warning, the torch path's output."""
+    monkeypatch.setenv("CC", str(tmp_path / "cc"))
+    (tmp_path / "cc").write_text("#!/bin/sh\necho 'cc: error: no such thing' >&2\nexit 1\n")
+    (tmp_path / "cc").chmod(0o755)
+    monkeypatch.setenv("MOPEQ_CACHE", str(tmp_path / "cache"))
+    native.library.cache_clear()
+    try:
+        w = hard_weights(16, 128, torch.bfloat16, seed=3)
+        with caplog.at_level(logging.WARNING, logger="mopeq.compiler.native"):
+            out = quantize_packed(w, 4, 64, True, False, torch.bfloat16)
+            quantize_packed(w, 4, 64, True, False, torch.bfloat16)
+        assert native.library() is None
+        assert [r.getMessage() for r in caplog.records if "build" in r.getMessage()] == [
+            "mopeq native RTN kernel: build with %s failed, using the torch path: ['cc: error: no such thing']"
+            % (tmp_path / "cc")]
+        assert not list((tmp_path / "cache").glob("*"))  # no half-written library left behind
+    finally:
+        native.library.cache_clear()
+    assert_same(out, torch_path(monkeypatch, w, 4, 64, True, False, torch.bfloat16))
+
+
+@needs_kernel
+def test_build_is_cached_by_content(monkeypatch, tmp_path):
+    monkeypatch.setenv("MOPEQ_CACHE", str(tmp_path))
+    native.library.cache_clear()
+    try:
+        assert native.library() is not None
+        built = list(tmp_path.glob("rtn_pack-*.so"))
+        assert len(built) == 1
+        mtime = built[0].stat().st_mtime_ns
+        native.library.cache_clear()
+        native.library()
+        assert [p.stat().st_mtime_ns for p in tmp_path.glob("rtn_pack-*.so")] == [mtime]
+    finally:
+        native.library.cache_clear()
