@@ -35,7 +35,8 @@ _I64, _INT, _PTR = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
 
 
 def enabled() -> bool:
-    return os.environ.get("MOPEQ_NATIVE", "1") != "0"
+    """Off with ``MOPEQ_NATIVE=0``, and on big-endian hosts (the kernel writes the little-endian byte stream)."""
+    return os.environ.get("MOPEQ_NATIVE", "1") != "0" and sys.byteorder == "little"
 
 
 def cache_dir() -> Path:
@@ -93,6 +94,8 @@ def library() -> ctypes.CDLL | None:
         return None
     lib.mopeq_rtn_pack.restype = _INT
     lib.mopeq_rtn_pack.argtypes = [_PTR, _INT, _I64, _I64, _I64, _INT, _I64, _INT, _INT, _PTR, _I64, _PTR, _PTR]
+    lib.mopeq_round_scales.argtypes = [_PTR, _I64, _INT, _PTR]
+    lib.mopeq_widen_f16.argtypes = [_PTR, _I64, _PTR]
     return lib
 
 

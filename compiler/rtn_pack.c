@@ -30,8 +30,26 @@ static uint16_t f32_to_bf16(float f) {
     return (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
 }
 
-static uint16_t f32_to_f16(float f) { _Float16 h = (_Float16)f; uint16_t u; memcpy(&u, &h, 2); return u; }
-static float f16_to_f32(uint16_t u) { _Float16 h; memcpy(&h, &u, 2); return (float)h; }
+/* fp32 -> fp16 with round-to-nearest-even, overflow to infinity and subnormal results (finite input only). */
+static uint16_t f32_to_f16(float f) {
+    uint32_t u = f32_to_bits(f), sign = (u >> 16) & 0x8000u, a = u & 0x7FFFFFFFu;
+    if (a >= 0x477FF000u) return (uint16_t)(sign | 0x7C00u);  /* >= 65520 rounds to infinity */
+    if (a < 0x38800000u) {  /* below 2**-14: a multiple of 2**-24, rounded as an integer by adding 2**23 */
+        uint32_t m = f32_to_bits(bits_to_f32(a) * 16777216.0f + 8388608.0f) - 0x4B000000u;
+        return (uint16_t)(sign | m);  /* m == 0x400 is the smallest normal: the encoding carries over */
+    }
+    uint32_t rounded = a + 0xFFFu + ((a >> 13) & 1u);  /* to nearest even at mantissa bit 13 */
+    return (uint16_t)(sign | ((rounded - 0x38000000u) >> 13));  /* exponent bias 127 -> 15 */
+}
+
+/* fp16 -> fp32, exact (finite input only); branch-free integer and float ops the compiler vectorizes. */
+static float f16_to_f32(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000u) << 16, a = h & 0x7FFFu;
+    uint32_t normal = (a << 13) + 0x38000000u;  /* exponent bias 15 -> 127 */
+    uint32_t subnormal = f32_to_bits((float)(int32_t)a * 5.9604644775390625e-08f);  /* a * 2**-24 */
+    uint32_t is_normal = 0u - (uint32_t)(a >= 0x400u);
+    return bits_to_f32((normal & is_normal) | (subnormal & ~is_normal) | sign);
+}
 
 /* Per source dtype: the range of one group and its codes, reading the source directly.
  *
@@ -89,22 +107,12 @@ static void group_codes(const void *src, int dtype, int64_t offset, int64_t len,
 /* The scale rounded to the scale dtype and back, clamped to that dtype's smallest normal (torch's
  * scale.to(dtype).float().clamp(min=finfo(dtype).tiny)), stored as clamped; returns 0 when it overflows. */
 static int round_scale(float scale, int scale_dtype, uint16_t *stored, float *rounded) {
-    float back, tiny;
-    if (scale_dtype == DTYPE_BF16) {
-        *stored = f32_to_bf16(scale);
-        back = bits_to_f32((uint32_t)*stored << 16);
-        tiny = bits_to_f32(0x00800000u);  /* 2**-126 */
-    } else {
-        *stored = f32_to_f16(scale);
-        back = f16_to_f32(*stored);
-        tiny = bits_to_f32(0x38800000u);  /* 2**-14 */
-    }
-    if ((f32_to_bits(back) & 0x7F800000u) == 0x7F800000u) return 0;
-    if (back < tiny) {  /* tiny is exact in both dtypes: what is stored is the clamped value */
-        back = tiny;
-        *stored = scale_dtype == DTYPE_BF16 ? f32_to_bf16(tiny) : f32_to_f16(tiny);
-    }
-    *rounded = back;
+    uint16_t exponent = scale_dtype == DTYPE_BF16 ? 0x7F80u : 0x7C00u;
+    uint16_t tiny = scale_dtype == DTYPE_BF16 ? 0x0080u : 0x0400u;  /* smallest normal: 2**-126, 2**-14 */
+    *stored = scale_dtype == DTYPE_BF16 ? f32_to_bf16(scale) : f32_to_f16(scale);
+    if ((*stored & exponent) == exponent) return 0;  /* overflowed to infinity */
+    if ((*stored & 0x7FFFu) < tiny) *stored = tiny;  /* scale > 0: the clamp is what is stored */
+    *rounded = scale_dtype == DTYPE_BF16 ? bf16_to_f32(*stored) : f16_to_f32(*stored);
     return 1;
 }
 
@@ -168,7 +176,7 @@ int mopeq_rtn_pack(const void *src, int src_dtype, int64_t n, int64_t k, int64_t
             }
             scale = scale < 1e-10f ? 1e-10f : scale;
             if (!symmetric) {
-                zero = __builtin_roundevenf(-lo / scale);
+                zero = (-lo / scale + 8388608.0f) - 8388608.0f;  /* round half to even: -lo / scale <= qmax */
                 zero = zero < 0.0f ? 0.0f : (zero > qmax ? qmax : zero);
                 zero_out[r * groups + g] = (uint8_t)zero;
             }
@@ -180,4 +188,13 @@ int mopeq_rtn_pack(const void *src, int src_dtype, int64_t n, int64_t k, int64_t
     int failed = codes == NULL ? 2 : !ok;
     free(codes);
     return failed;
+}
+
+/* The kernel's own float conversions, exported for the exhaustive tests against torch's. */
+void mopeq_round_scales(const float *in, int64_t n, int scale_dtype, uint16_t *out) {
+    for (int64_t i = 0; i < n; i++) out[i] = scale_dtype == DTYPE_BF16 ? f32_to_bf16(in[i]) : f32_to_f16(in[i]);
+}
+
+void mopeq_widen_f16(const uint16_t *in, int64_t n, float *out) {
+    for (int64_t i = 0; i < n; i++) out[i] = f16_to_f32(in[i]);
 }

@@ -121,3 +121,36 @@ def test_build_is_cached_by_content(monkeypatch, tmp_path):
         assert [p.stat().st_mtime_ns for p in tmp_path.glob("rtn_pack-*.so")] == [mtime]
     finally:
         native.library.cache_clear()
+
+
+def float_bits(start: int, stop: int, step: int) -> torch.Tensor:
+    return torch.arange(start, stop, step, dtype=torch.int64).to(torch.int32).view(torch.float32)
+
+
+@needs_kernel
+@pytest.mark.parametrize("scale_dtype", [torch.bfloat16, torch.float16])
+def test_scale_rounding_equals_torch(scale_dtype):
+    """The kernel's fp32 -> bf16/fp16 rounding against torch's ``.to()``: a stride through every positive finite
+    fp32, every exact tie of both formats (normal and fp16 subnormal), and the fp16 overflow boundary."""
+    ties = torch.cat([float_bits(0x00008000 + (e << 23), 0x00018001 + (e << 23), 0x10000) for e in range(1, 255)]
+                     + [float_bits((e << 23) + 0x1000, (e << 23) + 0x800000, 0x2000) for e in (100, 103, 113, 127, 142)])
+    subnormal_ties = torch.arange(1, 2049, 2, dtype=torch.float32) * 2.0**-25  # halfway between fp16 subnormals
+    boundary = torch.tensor([65504.0, 65519.99, 65520.0, 65535.0, 2.0**-14, 2.0**-14 * (1 - 2**-12), 2.0**-25,
+                             2.0**-26, 1e-10])
+    x = torch.cat([float_bits(1, 0x7F800000, 4099), ties, subnormal_ties, boundary])
+    x = x[x.isfinite()].contiguous()
+    out = torch.empty(x.numel(), dtype=torch.int16)
+    native.library().mopeq_round_scales(x.data_ptr(), x.numel(), native.SCALE_DTYPES[scale_dtype], out.data_ptr())
+    expected = x.to(scale_dtype).view(torch.int16)
+    mismatch = (out != expected).nonzero().flatten()
+    assert mismatch.numel() == 0, [(float(x[i]), int(out[i]), int(expected[i])) for i in mismatch[:5]]
+
+
+@needs_kernel
+def test_fp16_widening_equals_torch():
+    """Every finite fp16 bit pattern (normals, subnormals, both zeros) widens to torch's fp32, exactly."""
+    h = torch.arange(0, 1 << 16, dtype=torch.int32).to(torch.int16)
+    h = h[h.view(torch.float16).isfinite()].contiguous()
+    out = torch.empty(h.numel(), dtype=torch.float32)
+    native.library().mopeq_widen_f16(h.data_ptr(), h.numel(), out.data_ptr())
+    assert torch.equal(out.view(torch.int32), h.view(torch.float16).float().view(torch.int32))
