@@ -146,6 +146,9 @@ def quantize_job(job: Job, tensor: torch.Tensor, plan: Plan,
     else:
         qw = quantizer(job, w, plan, scale_dtype)
         packed, scale, zero = pack_int32(qw.codes, job.bits), qw.scale, qw.zero
+    if not bool(torch.isfinite(scale).all()):  # [N, G]: a NaN/inf weight or an overflow poisons its group's scale
+        raise InputError(f"checkpoint: tensor {job.source.key} (expert {job.ref.id}, {job.matrix}) holds NaN or "
+                         f"infinite weights, or weights too large for {str(scale_dtype)[6:]} scales; expected finite weights")
     out = {
         f"{job.name}.weight_packed": packed,
         f"{job.name}.weight_scale": scale.contiguous(),
@@ -571,7 +574,7 @@ def _write_tensors(shard_of, jobs, plan, tmp: Path, max_shard_bytes: int, progre
         weight_map = writer.finish()
     finally:
         writer.close()
-    bar.close()
+        bar.close()  # also before an error is printed: the message gets its own line
     return weight_map, ignore, writer.sha256
 
 

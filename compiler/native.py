@@ -2,8 +2,8 @@
 
 The kernel reads each weight once and writes packed words, scales and zero points, bit-identical to
 the torch path (``_rtn_block`` + ``pack_int32``). It is built into ``$MOPEQ_CACHE`` (default
-``~/.cache/mopeq``) under a name keyed by the source, the flags, the compiler and this CPU, written
-atomically, and loaded with ctypes, whose calls release the GIL. Where no compiler works, or with
+``~/.cache/mopeq``, or a temp folder where that is read-only) under a name keyed by the source, the
+flags, the compiler and this CPU, written atomically, and loaded with ctypes, whose calls release the GIL. Where no compiler works, or with
 ``MOPEQ_NATIVE=0``, ``rtn_pack`` returns None and the caller runs the torch path; a failed build is
 logged once.
 """
@@ -60,10 +60,10 @@ def _cpu_signature() -> str:
         return platform.processor()
 
 
-def _build(cc: str) -> Path:
+def _build(cc: str, directory: Path) -> Path:
     key = hashlib.sha256("\0".join([SOURCE.read_text(), *FLAGS, cc, platform.machine(), _cpu_signature(),
                                     sys.platform]).encode()).hexdigest()[:16]
-    target = cache_dir() / f"rtn_pack-{key}.so"
+    target = directory / f"rtn_pack-{key}.so"
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -86,7 +86,11 @@ def library() -> ctypes.CDLL | None:
         log.info("mopeq native RTN kernel: no C compiler found; using the torch path")
         return None
     try:
-        lib = ctypes.CDLL(str(_build(cc)))
+        try:
+            path = _build(cc, cache_dir())
+        except OSError:  # a read-only or broken cache folder: this user's folder in the temp directory
+            path = _build(cc, Path(tempfile.gettempdir()) / f"mopeq-{os.getuid()}")
+        lib = ctypes.CDLL(str(path))
     except (OSError, subprocess.SubprocessError) as e:
         detail = getattr(e, "stderr", None) or e
         log.warning("mopeq native RTN kernel: build with %s failed, using the torch path: %s", cc,

@@ -154,3 +154,17 @@ def test_fp16_widening_equals_torch():
     out = torch.empty(h.numel(), dtype=torch.float32)
     native.library().mopeq_widen_f16(h.data_ptr(), h.numel(), out.data_ptr())
     assert torch.equal(out.view(torch.int32), h.view(torch.float16).float().view(torch.int32))
+
+
+@needs_kernel
+def test_unusable_cache_folder_falls_back_to_temp(monkeypatch, tmp_path):
+    """A cache path that cannot be a folder (here: under a file; a read-only home fails the same way)."""
+    (tmp_path / "file").write_text("")
+    monkeypatch.setenv("MOPEQ_CACHE", str(tmp_path / "file" / "mopeq"))
+    monkeypatch.setattr(native.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
+    native.library.cache_clear()
+    try:
+        assert native.library() is not None
+        assert len(list((tmp_path / "tmp").glob("mopeq-*/rtn_pack-*.so"))) == 1
+    finally:
+        native.library.cache_clear()

@@ -210,3 +210,20 @@ def test_compiler_refuses_checkpoint_that_disagrees_with_config(corpus, tmp_path
     assert main(["compile", str(model), "--plan", str(corpus["plan"]), "-o", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert f"tensor {key} has shape" in err and "config.json implies" in err
+
+
+@pytest.mark.parametrize("native", ["1", "0"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_compiler_refuses_non_finite_weights(corpus, tmp_path, capsys, monkeypatch, native, bad):
+    """A NaN or infinite expert weight would poison its group's scale: refused in one line, with either RTN path."""
+    monkeypatch.setenv("MOPEQ_NATIVE", native)
+    model = tmp_path / "model"
+    shutil.copytree(corpus["artifact"].parent / "model", model)
+    state = load_file(str(model / "model.safetensors"))
+    key = next(k for k in sorted(state) if "experts.down_proj" in k)
+    state[key][1, 3, 5] = bad
+    save_file(state, str(model / "model.safetensors"), metadata={"format": "pt"})
+    assert main(["compile", str(model), "--plan", str(corpus["plan"]), "-o", str(tmp_path / "out")]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("mopeq")]
+    assert len(errors) == 1 and f"tensor {key} (expert " in errors[0] and "NaN or infinite" in errors[0], errors
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
