@@ -49,7 +49,7 @@ from ..safety import check_safetensors, checkpoint_shards
 from ..schemas import InputError, Plan, plan_record, config_hash, sha256_file
 from .gptq import GPTQSettings, GramFile, Quantizer, gptq_quantize
 from .pack import pack_int32, packed_words
-from .quantize import QuantizedWeight, num_groups, quantize, quantize_packed
+from .quantize import NonFiniteWeights, QuantizedWeight, check_finite, num_groups, quantize, quantize_packed
 
 ARTIFACT_VERSION = 1
 MANIFEST = "mopeq.json"
@@ -140,15 +140,17 @@ def quantize_job(job: Job, tensor: torch.Tensor, plan: Plan,
     w = _take(job, tensor)
     scale_dtype = _scale_dtype(tensor.dtype)
     quantizer = quantizer or MatrixQuantizer()
-    if quantizer.method == Quantizer.RTN:  # the same bits as quantize + pack_int32, without [N, K] temporaries
-        packed, scale, zero = quantize_packed(w, job.bits, plan.group_size, plan.symmetric, plan.clip_search,
-                                              scale_dtype)
-    else:
-        qw = quantizer(job, w, plan, scale_dtype)
-        packed, scale, zero = pack_int32(qw.codes, job.bits), qw.scale, qw.zero
-    if not bool(torch.isfinite(scale).all()):  # [N, G]: a NaN/inf weight or an overflow poisons its group's scale
-        raise InputError(f"checkpoint: tensor {job.source.key} (expert {job.ref.id}, {job.matrix}) holds NaN or "
-                         f"infinite weights, or weights too large for {str(scale_dtype)[6:]} scales; expected finite weights")
+    try:
+        if quantizer.method == Quantizer.RTN:  # the same bits as quantize + pack_int32, without [N, K] temporaries
+            packed, scale, zero = quantize_packed(w, job.bits, plan.group_size, plan.symmetric, plan.clip_search,
+                                                  scale_dtype)
+        else:
+            qw = quantizer(job, w, plan, scale_dtype)
+            check_finite(qw.scale, scale_dtype)
+            packed, scale, zero = pack_int32(qw.codes, job.bits), qw.scale, qw.zero
+    except NonFiniteWeights as e:
+        raise InputError(f"checkpoint: tensor {job.source.key} (expert {job.ref.id}, {job.matrix}): {e}; "
+                         f"expected finite weights") from None
     out = {
         f"{job.name}.weight_packed": packed,
         f"{job.name}.weight_scale": scale.contiguous(),

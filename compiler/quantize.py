@@ -119,6 +119,7 @@ def quantize_packed(w: torch.Tensor, bits: int, group_size: int, symmetric: bool
     (``tests/compiler/test_streaming.py`` checks byte equality) while every fp32 temporary stays small
     and cache-resident; no ``[N, K]`` fp32 or uint8 code tensor is ever built. Without clip search the
     native kernel (``native.py``) does the same in one pass over the weights, bit for bit, where it builds.
+    Raises ``NonFiniteWeights`` where a scale comes out NaN or infinite (no artifact should hold one).
     """
     _check_weight(w, bits)
     n, k = w.shape
@@ -129,7 +130,7 @@ def quantize_packed(w: torch.Tensor, bits: int, group_size: int, symmetric: bool
     zero = None if symmetric else torch.empty(n, g, dtype=torch.uint8)
     w = w.detach()
     if not clip_search and native.rtn_pack(w, bits, gs, symmetric, scale_dtype, packed, scale, zero):
-        return packed, scale, zero
+        return packed, scale, zero  # the kernel only succeeds with finite scales
     rows = max(1, block_elements // max(k, 1))
     for r0 in range(0, n, rows):
         block = w[r0 : r0 + rows]
@@ -142,7 +143,17 @@ def quantize_packed(w: torch.Tensor, bits: int, group_size: int, symmetric: bool
         scale[r0 : r0 + rows] = s
         if zero is not None:
             zero[r0 : r0 + rows] = z
+    check_finite(scale, scale_dtype)
     return packed, scale, zero
+
+
+class NonFiniteWeights(ValueError):
+    """A group's scale is NaN or infinite: its weights hold a NaN or infinity, or are too large for the scale dtype."""
+
+
+def check_finite(scale: torch.Tensor, scale_dtype: torch.dtype) -> None:
+    if not bool(torch.isfinite(scale).all()):
+        raise NonFiniteWeights(f"NaN or infinite weights, or weights too large for {str(scale_dtype)[6:]} scales")
 
 
 _ROUNDER = float(2**23)  # fl(y + 2**23) - 2**23 == round-half-even(y) for 0 <= y < 2**22

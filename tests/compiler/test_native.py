@@ -7,7 +7,7 @@ import torch
 
 from mopeq.compiler import native
 from mopeq.compiler.pack import pack_int32
-from mopeq.compiler.quantize import quantize, quantize_packed
+from mopeq.compiler.quantize import NonFiniteWeights, quantize, quantize_packed
 
 needs_kernel = pytest.mark.skipif(native.compiler() is None, reason="no C compiler on this machine")
 
@@ -66,8 +66,9 @@ def test_native_reads_strided_rows(monkeypatch):
 
 @needs_kernel
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf"), 1e30])
-def test_non_finite_groups_fall_back_to_torch(monkeypatch, bad):
-    """NaN/inf weights and fp16 scale overflow (1e30 / 7 > 65504) are left to the torch path: same output."""
+def test_non_finite_groups_are_refused_by_both_paths(monkeypatch, bad):
+    """NaN/inf weights and fp16 scale overflow (1e30 / 7 > 65504): the kernel declines, the torch path finds the
+    non-finite scale, and no artifact gets one."""
     w = torch.randn(8, 256, generator=torch.Generator().manual_seed(0))
     w[5, 130] = bad
     calls = []
@@ -80,9 +81,11 @@ def test_non_finite_groups_fall_back_to_torch(monkeypatch, bad):
 
     monkeypatch.setattr(native, "library", lambda: Spy())
     args = (w, 3, 128, False, False, torch.float16)
-    out = quantize_packed(*args)
+    with pytest.raises(NonFiniteWeights, match="NaN or infinite weights, or weights too large for float16 scales"):
+        quantize_packed(*args)
     assert calls == ["mopeq_rtn_pack"]
-    assert_same(out, torch_path(monkeypatch, *args))
+    with pytest.raises(NonFiniteWeights):
+        torch_path(monkeypatch, *args)
 
 
 def test_unbuildable_kernel_falls_back(monkeypatch, tmp_path, caplog):
