@@ -1,11 +1,14 @@
 """The native fast path of ``quantize_packed``: ``rtn_pack.c`` built with the system C compiler on first use.
 
 The kernel reads each weight once and writes packed words, scales and zero points, bit-identical to
-the torch path (``_rtn_block`` + ``pack_int32``). It is built into ``$MOPEQ_CACHE`` (default
-``~/.cache/mopeq``, or a temp folder where that is read-only) under a name keyed by the source, the
-flags, the compiler and this CPU, written atomically, and loaded with ctypes, whose calls release the GIL. Where no compiler works, or with
-``MOPEQ_NATIVE=0``, ``rtn_pack`` returns None and the caller runs the torch path; a failed build is
-logged once.
+the torch path (``_rtn_block`` + ``pack_int32``), and is loaded with ctypes, whose calls release the GIL.
+It is built into ``$MOPEQ_CACHE`` (default ``$XDG_CACHE_HOME/mopeq`` or ``~/.cache/mopeq``) under a name
+keyed by the source, the flags, the compiler and its version, and this CPU, and published atomically.
+A library is only ever loaded from a folder that this user owns and nobody else can write; where the
+cache folder is not such a folder, or cannot be made, each process builds into a fresh private temp
+folder (well under a second) and deletes it once loaded. Where no compiler works, or with
+``MOPEQ_NATIVE=0``, ``rtn_pack`` returns False and the caller runs the torch path; a failed build is
+logged once per process.
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ import hashlib
 import logging
 import os
 import platform
+import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -23,6 +28,8 @@ import tempfile
 from pathlib import Path
 
 import torch
+
+from .pack import packed_words
 
 log = logging.getLogger(__name__)
 
@@ -39,38 +46,86 @@ def enabled() -> bool:
     return os.environ.get("MOPEQ_NATIVE", "1") != "0" and sys.byteorder == "little"
 
 
-def cache_dir() -> Path:
-    default = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "mopeq"
-    return Path(os.environ.get("MOPEQ_CACHE", default))
+def cache_dir() -> Path | None:
+    """``$MOPEQ_CACHE``, else ``$XDG_CACHE_HOME/mopeq``, else ``~/.cache/mopeq``; None where there is no home."""
+    if os.environ.get("MOPEQ_CACHE"):
+        return Path(os.environ["MOPEQ_CACHE"])
+    if os.environ.get("XDG_CACHE_HOME"):
+        return Path(os.environ["XDG_CACHE_HOME"]) / "mopeq"
+    try:
+        return Path.home() / ".cache" / "mopeq"
+    except RuntimeError:  # no $HOME and no passwd entry (containers run under an arbitrary uid)
+        return None
 
 
-def compiler() -> str | None:
-    for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
-        if name and shutil.which(name):
-            return shutil.which(name)
+def compiler() -> list[str] | None:
+    """The C compiler command: ``$CC`` (which may carry arguments, e.g. ``ccache gcc``), else cc, gcc or clang."""
+    candidates = [shlex.split(os.environ["CC"])] if os.environ.get("CC", "").strip() else []
+    for command in candidates + [["cc"], ["gcc"], ["clang"]]:
+        found = shutil.which(command[0])
+        if found:
+            return [found, *command[1:]]
     return None
 
 
 def _cpu_signature() -> str:
-    """What ``-march=native`` depends on: a library built on another CPU may use instructions this one lacks."""
+    """What ``-march=native`` depends on (a library built on another CPU may use instructions this one
+    lacks): the first processor's block of /proc/cpuinfo, vendor, family, model and flags."""
     try:
         with open("/proc/cpuinfo") as f:
-            return next((line for line in f if line.startswith(("flags", "Features"))), platform.processor())
+            return f.read().split("\n\n")[0]
     except OSError:
-        return platform.processor()
+        return f"{platform.machine()} {platform.processor()}"
 
 
-def _build(cc: str, directory: Path) -> Path:
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), *FLAGS, cc, platform.machine(), _cpu_signature(),
+def build_flags(cpu: str) -> list[str]:
+    """``FLAGS``, without BMI2 on AMD Zen 1/2 (family 23), where ``pext`` is microcoded and ~50x slower."""
+    zen12 = "AuthenticAMD" in cpu and re.search(r"^cpu family\s*:\s*23\s*$", cpu, re.M)
+    return FLAGS + ["-mno-bmi2"] if zen12 else FLAGS
+
+
+def _private(directory: Path) -> bool:
+    """``directory``, created if missing, belongs to this user and nobody else can write to it."""
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    st = directory.stat()
+    return st.st_uid == getattr(os, "getuid", lambda: st.st_uid)() and not st.st_mode & 0o022
+
+
+def _library_folder() -> tuple[Path, bool]:
+    """Where to build and load: the cache folder if private, else a fresh temp folder (True: delete after)."""
+    directory = cache_dir()
+    try:
+        if directory is not None and _private(directory):
+            return directory, False
+        reason = "is writable by others or not this user's"
+    except OSError as e:
+        reason = f"cannot be used ({e.strerror or e})"
+    log.info("mopeq native RTN kernel: cache folder %s %s; building in a private temp folder", directory, reason)
+    return Path(tempfile.mkdtemp(prefix="mopeq-native-")), True
+
+
+def _compile(cc: list[str], flags: list[str], output: str) -> None:
+    subprocess.run([*cc, *flags, str(SOURCE), "-o", output], check=True, capture_output=True, text=True,
+                   timeout=120)
+
+
+def _build(cc: list[str], directory: Path) -> Path:
+    cpu = _cpu_signature()
+    flags = build_flags(cpu)
+    version = subprocess.run([*cc, "--version"], capture_output=True, text=True, timeout=30).stdout
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), *flags, *cc, version, cpu, platform.machine(),
                                     sys.platform]).encode()).hexdigest()[:16]
     target = directory / f"rtn_pack-{key}.so"
     if target.exists():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    fd, tmp = tempfile.mkstemp(suffix=".so.tmp", dir=directory)
     os.close(fd)
     try:
-        subprocess.run([cc, *FLAGS, str(SOURCE), "-o", tmp], check=True, capture_output=True, text=True, timeout=120)
+        try:
+            _compile(cc, flags, tmp)
+        except subprocess.CalledProcessError:  # a compiler without -march=native: portable code, still exact
+            _compile(cc, [f for f in flags if f != "-march=native"], tmp)
+        os.chmod(tmp, 0o755)  # mkstemp's 0600 would leave other users of a shared cache unable to load it
         os.replace(tmp, target)  # atomic: concurrent builders each publish a complete library
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -80,22 +135,23 @@ def _build(cc: str, directory: Path) -> Path:
 
 @functools.lru_cache(maxsize=1)
 def library() -> ctypes.CDLL | None:
-    """The loaded kernel, or None where it cannot be built (logged once)."""
+    """The loaded kernel, or None where it cannot be built (logged once per process)."""
     cc = compiler()
     if cc is None:
         log.info("mopeq native RTN kernel: no C compiler found; using the torch path")
         return None
+    directory, temporary = None, False
     try:
-        try:
-            path = _build(cc, cache_dir())
-        except OSError:  # a read-only or broken cache folder: this user's folder in the temp directory
-            path = _build(cc, Path(tempfile.gettempdir()) / f"mopeq-{os.getuid()}")
-        lib = ctypes.CDLL(str(path))
+        directory, temporary = _library_folder()
+        lib = ctypes.CDLL(str(_build(cc, directory)))
     except (OSError, subprocess.SubprocessError) as e:
         detail = getattr(e, "stderr", None) or e
-        log.warning("mopeq native RTN kernel: build with %s failed, using the torch path: %s", cc,
+        log.warning("mopeq native RTN kernel: build with %s failed, using the torch path: %s", shlex.join(cc),
                     str(detail).strip().splitlines()[-1:] or detail)
         return None
+    finally:
+        if temporary:  # a loaded library stays mapped after its file is gone
+            shutil.rmtree(directory, ignore_errors=True)
     lib.mopeq_rtn_pack.restype = _INT
     lib.mopeq_rtn_pack.argtypes = [_PTR, _INT, _I64, _I64, _I64, _INT, _I64, _INT, _INT, _PTR, _I64, _PTR, _PTR]
     lib.mopeq_round_scales.argtypes = [_PTR, _I64, _INT, _PTR]
@@ -113,11 +169,18 @@ def rtn_pack(w: torch.Tensor, bits: int, group_size: int, symmetric: bool, scale
     n, k = w.shape
     if n == 0 or k == 0:
         return False
-    if w.stride(1) != 1 or w.stride(0) < k:
-        w = w.contiguous()
     lib = library()
     if lib is None:
         return False
+    w = w.resolve_neg()  # a lazily negated view holds the un-negated values in memory
+    if w.stride(1) != 1 or w.stride(0) < k:
+        w = w.contiguous()
+    groups = -(-k // group_size)
+    assert 1 <= group_size <= k and bits in (2, 3, 4, 8)
+    assert packed.dtype == torch.int32 and packed.is_contiguous() and packed.shape == (n, packed_words(k, bits))
+    assert scale.dtype == scale_dtype and scale.is_contiguous() and scale.shape == (n, groups)
+    assert (zero is None) == symmetric and (zero is None or (zero.dtype == torch.uint8 and zero.is_contiguous()
+                                                             and zero.shape == (n, groups)))
     status = lib.mopeq_rtn_pack(w.data_ptr(), SOURCE_DTYPES[w.dtype], n, k, w.stride(0), bits, group_size,
                                 int(symmetric), SCALE_DTYPES[scale_dtype], packed.data_ptr(), packed.shape[1],
                                 scale.data_ptr(), None if zero is None else zero.data_ptr())

@@ -102,13 +102,21 @@ def _pack_3bit_bytes(codes: torch.Tensor, lead: list, k: int, words: int) -> tor
     nbytes = words * 4
     if nbytes > runs * 3:
         stream = torch.nn.functional.pad(stream, (0, nbytes - runs * 3))
-    return stream[..., :nbytes].contiguous().view(torch.int32)
+    return _aligned(stream[..., :nbytes], 4).view(torch.int32)
 
 
 def _aligned(codes: torch.Tensor, nbytes: int) -> torch.Tensor:
-    """``codes`` contiguous and starting at a multiple of ``nbytes`` (a wider view needs an aligned start)."""
-    codes = codes.contiguous()
-    return codes if codes.storage_offset() % nbytes == 0 else codes.clone()
+    """``codes`` densely laid out and starting at a multiple of ``nbytes`` (what a wider view needs).
+
+    ``is_contiguous()`` is not enough: torch calls a size-1 dimension contiguous whatever its stride,
+    and a one-row slice of a wider buffer keeps that stride, which ``view`` then refuses."""
+    dense, stride = [], 1
+    for size in reversed(codes.shape):
+        dense.insert(0, stride)
+        stride *= size
+    if list(codes.stride()) == dense and codes.storage_offset() % nbytes == 0:
+        return codes
+    return torch.empty(codes.shape, dtype=codes.dtype, device=codes.device).copy_(codes)  # dense, offset 0
 
 
 def unpack_int32(packed: torch.Tensor, bits: int, num_codes: int) -> torch.Tensor:

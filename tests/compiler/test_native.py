@@ -45,7 +45,8 @@ def hard_weights(n: int, k: int, dtype: torch.dtype, seed: int) -> torch.Tensor:
 @pytest.mark.parametrize("symmetric", [True, False])
 def test_native_equals_torch_path(monkeypatch, dtype, bits, symmetric):
     assert native.library() is not None
-    for n, k, group in [(64, 256, 128), (37, 300, 128), (5, 7, 128), (19, 1000, 32), (3, 33, 16), (1, 1, 128)]:
+    for n, k, group in [(64, 256, 128), (37, 300, 128), (5, 7, 128), (19, 1000, 32), (3, 33, 16), (1, 1, 128),
+                        (1, 9, 128), (1, 8, 3), (2, 9, 4)]:  # single rows: review finding in pack.py
         w = hard_weights(n, k, dtype, seed=bits * 100 + k)
         for scale_dtype in (torch.bfloat16, torch.float16):
             args = (w, bits, group, symmetric, False, scale_dtype)
@@ -159,15 +160,65 @@ def test_fp16_widening_equals_torch():
     assert torch.equal(out.view(torch.int32), h.view(torch.float16).float().view(torch.int32))
 
 
-@needs_kernel
-def test_unusable_cache_folder_falls_back_to_temp(monkeypatch, tmp_path):
-    """A cache path that cannot be a folder (here: under a file; a read-only home fails the same way)."""
-    (tmp_path / "file").write_text("")
-    monkeypatch.setenv("MOPEQ_CACHE", str(tmp_path / "file" / "mopeq"))
+@pytest.fixture
+def fresh_library(monkeypatch, tmp_path):
+    """``native.library()`` rebuilt for one test, with the temp folder at ``tmp_path / "tmp"``."""
+    (tmp_path / "tmp").mkdir()
     monkeypatch.setattr(native.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
     native.library.cache_clear()
-    try:
-        assert native.library() is not None
-        assert len(list((tmp_path / "tmp").glob("mopeq-*/rtn_pack-*.so"))) == 1
-    finally:
-        native.library.cache_clear()
+    yield tmp_path
+    native.library.cache_clear()
+
+
+@needs_kernel
+def test_unusable_cache_folder_builds_in_a_private_temp_folder(monkeypatch, fresh_library):
+    """A cache path that cannot be a folder (here: under a file; a read-only home fails the same way)."""
+    (fresh_library / "file").write_text("")
+    monkeypatch.setenv("MOPEQ_CACHE", str(fresh_library / "file" / "mopeq"))
+    assert native.library() is not None
+    assert not list((fresh_library / "tmp").iterdir())  # deleted once loaded
+
+
+@needs_kernel
+def test_library_in_a_folder_others_can_write_is_never_loaded(monkeypatch, fresh_library):
+    """Review finding: a predictable shared folder let another user plant the library mopeq would load."""
+    shared = fresh_library / "shared"
+    monkeypatch.setenv("MOPEQ_CACHE", str(shared))
+    assert native.library() is not None  # private folder: builds and publishes there
+    (built,) = shared.glob("rtn_pack-*.so")
+    assert built.stat().st_mode & 0o777 == 0o755  # loadable by other users of a shared cache
+    native.library.cache_clear()
+    built.write_bytes(b"planted: not a library")  # would fail to load (OSError) if it were opened
+    shared.chmod(0o777)
+    assert native.library() is not None
+    assert built.read_bytes() == b"planted: not a library"
+
+
+@needs_kernel
+def test_no_home_directory(monkeypatch, fresh_library):
+    """A container running under a uid without a passwd entry and no $HOME: still builds (in a temp folder)."""
+    for name in ("HOME", "XDG_CACHE_HOME", "MOPEQ_CACHE"):
+        monkeypatch.delenv(name, raising=False)
+
+    def no_home():
+        raise RuntimeError("Could not determine home directory.")
+
+    monkeypatch.setattr(native.Path, "home", staticmethod(no_home))
+    assert native.cache_dir() is None
+    assert native.library() is not None
+
+
+def test_zen2_builds_without_pext():
+    zen2 = "vendor_id\t: AuthenticAMD\ncpu family\t: 23\nmodel\t\t: 49\nflags\t\t: bmi2"
+    zen4 = zen2.replace(": 23", ": 25")
+    assert native.build_flags(zen2)[-1] == "-mno-bmi2"
+    assert native.build_flags(zen4) == native.FLAGS
+    assert native.build_flags(zen2.replace("AuthenticAMD", "GenuineIntel")) == native.FLAGS
+
+
+@needs_kernel
+def test_negated_view(monkeypatch):
+    """A lazily negated view (review finding: its memory holds the un-negated values)."""
+    x = hard_weights(16, 256, torch.bfloat16, seed=5)
+    args = (4, 128, False, False, torch.bfloat16)
+    assert_same(quantize_packed(torch._neg_view(x), *args), torch_path(monkeypatch, -x, *args))

@@ -91,6 +91,15 @@ def test_codes_at_an_unaligned_storage_offset(bits):
     assert torch.equal(pack_int32(codes, bits), frozen_pack(codes, bits))
 
 
+@pytest.mark.parametrize("bits", BITS)
+def test_single_rows_with_odd_strides(bits):
+    """One row of a wider buffer: torch calls it contiguous whatever its stride (review finding: 3 bits failed)."""
+    for k in range(1, 70):
+        base = random_codes((2, k + 5), bits, seed=k).to(torch.uint8)
+        for codes in (base[:1, :k], base[1:, 1 : k + 1], base[:1, :k].contiguous()):
+            assert torch.equal(pack_int32(codes, bits), frozen_pack(codes, bits)), (k, codes.stride())
+
+
 @pytest.mark.parametrize("bits", (2, 4, 8))
 def test_equals_compressed_tensors_documented_layout(bits):
     codes = random_codes((64, 545), bits, seed=1)
