@@ -125,7 +125,7 @@ static uint64_t compress8(uint64_t x, int bits) {
     uint64_t pair = (1ull << (2 * bits)) - 1, quad = (1ull << (4 * bits)) - 1;
     x = (x | x >> (8 - bits)) & (pair * 0x0001000100010001ull);
     x = (x | x >> (16 - 2 * bits)) & (quad * 0x0000000100000001ull);
-    return (x | x >> (32 - 4 * bits)) & ((1ull << (8 * bits)) - 1);
+    return (x | x >> (32 - 4 * bits)) & (((1ull << (4 * bits)) << (4 * bits)) - 1);  /* no UB at bits == 8 */
 #endif
 }
 

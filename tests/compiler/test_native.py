@@ -222,3 +222,16 @@ def test_negated_view(monkeypatch):
     x = hard_weights(16, 256, torch.bfloat16, seed=5)
     args = (4, 128, False, False, torch.bfloat16)
     assert_same(quantize_packed(torch._neg_view(x), *args), torch_path(monkeypatch, -x, *args))
+
+
+@needs_kernel
+def test_portable_packing_without_pext(monkeypatch, fresh_library):
+    """The shift-or packing that CPUs without BMI2 (and Zen 1/2) run, against the torch path."""
+    monkeypatch.setattr(native, "FLAGS", native.FLAGS + ["-mno-bmi2"])
+    monkeypatch.setenv("MOPEQ_CACHE", str(fresh_library / "cache"))
+    assert native.library() is not None
+    for bits in (2, 3, 4, 8):
+        for n, k, group in [(37, 300, 128), (3, 33, 16), (1, 9, 128)]:
+            w = hard_weights(n, k, torch.bfloat16, seed=bits + k)
+            args = (w, bits, group, bits % 2 == 0, False, torch.bfloat16)
+            assert_same(quantize_packed(*args), torch_path(monkeypatch, *args), (bits, n, k))
