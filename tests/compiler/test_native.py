@@ -188,6 +188,7 @@ def test_library_in_a_folder_others_can_write_is_never_loaded(monkeypatch, fresh
     (built,) = shared.glob("rtn_pack-*.so")
     assert built.stat().st_mode & 0o777 == 0o755  # loadable by other users of a shared cache
     native.library.cache_clear()
+    built.unlink()  # a new file: rewriting the loaded one in place would pull pages from under this process
     built.write_bytes(b"planted: not a library")  # would fail to load (OSError) if it were opened
     shared.chmod(0o777)
     assert native.library() is not None
