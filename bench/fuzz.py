@@ -4,7 +4,8 @@ Targets: the spec parser (``mopeq.planner.load_spec``), the profile and plan rea
 (``mopeq.schemas.read_profile`` / ``read_plan``), the artifact loader (``mopeq.runtime.load.load``) and
 image calibration folders (``images``: ``index.jsonl`` + PNG/JPEG/npy files, read by
 ``mopeq.profiler.calibration.read_qa_jsonl`` and ``load_rgb``, as ``--calib FOLDER`` reads them for
-DeepSeek-VL2 and MolmoE).
+DeepSeek-VL2 and MolmoE), and source checkpoints (``checkpoint``: a damaged model directory compiled by
+``mopeq.compiler.artifact.compile_artifact``, whose RTN runs the native kernel).
 Inputs are mutations of valid seed files: bit flips, truncations, spliced bytes, line edits, and
 structural edits of the parsed YAML/JSON (a value replaced by a hostile one, a key dropped); for
 artifacts also rewritten safetensors headers, escaping shard names and symlinks, with the manifest's
@@ -73,7 +74,7 @@ def build_corpus(workdir: Path) -> dict[str, Path]:
     _write_profile(workdir / "profile.json")
     _write_images(workdir / "images")
     return {"spec": REPO / "specs" / "demo.yaml", "profile": workdir / "profile.json", "plan": workdir / "plan.json",
-            "artifact": workdir / "artifact", "images": workdir / "images"}
+            "artifact": workdir / "artifact", "images": workdir / "images", "checkpoint": model_dir}
 
 
 def _write_images(folder: Path) -> None:
@@ -286,8 +287,42 @@ def _resign_config(dst: Path) -> None:
 
 # --- targets ----------------------------------------------------------------------------------------------
 
+def mutate_checkpoint(src: Path, dst: Path, rng: random.Random) -> None:
+    """Copy model directory ``src`` to ``dst`` and damage one shard or its config once."""
+    shutil.copytree(src, dst)
+    shard = sorted(dst.glob("*.safetensors"))[0]
+    kind = rng.choice(["shard_bytes", "shard_header", "tensor", "tensor", "config"])
+    if kind == "shard_bytes":
+        shard.write_bytes(rng.choice([flip_bits, truncate, splice])(shard.read_bytes(), rng))
+    elif kind == "shard_header":
+        _mutate_header(shard, rng)
+    elif kind == "tensor":
+        _mutate_tensor(shard, rng)
+    else:
+        (dst / "config.json").write_bytes(mutate_text((dst / "config.json").read_bytes(), rng, _json_codec()))
+
+
+def _compile_checkpoint(corpus, scratch: Path, rng: random.Random) -> None:
+    """Compile a mutated source checkpoint; half the time the plan is re-made for its (mutated) config so the
+    mutation gets past the config-hash check."""
+    from mopeq.compiler.artifact import compile_artifact
+    from mopeq.schemas import config_hash, read_plan
+
+    mutate_checkpoint(corpus["checkpoint"], scratch / "model", rng)
+    plan = read_plan(corpus["plan"])
+    if rng.random() < 0.5:
+        try:
+            plan.config_hash = config_hash(json.loads((scratch / "model" / "config.json").read_text()))
+        except (ValueError, TypeError, AttributeError):
+            pass  # config no longer a JSON object: the compiler sees it as it is
+    compile_artifact(scratch / "model", plan, scratch / "out", progress=False)
+
+
 def run_one(target: str, corpus: dict[str, Path], rng: random.Random, scratch: Path) -> None:
     """Build one mutated input for ``target`` under ``scratch`` and feed it to the reader."""
+    if target == "checkpoint":
+        _compile_checkpoint(corpus, scratch, rng)
+        return
     if target == "artifact":
         from mopeq.runtime.load import load
 
@@ -408,7 +443,7 @@ def campaign(target: str, corpus, scratch: Path, inputs: int, seconds: float, li
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--targets", default="spec,profile,plan,artifact,images")
+    p.add_argument("--targets", default="spec,profile,plan,artifact,images,checkpoint")
     p.add_argument("--inputs", type=int, default=10000, help="most inputs per target (default: %(default)s)")
     p.add_argument("--minutes", type=float, default=4.0, help="most minutes per target (default: %(default)s)")
     p.add_argument("--limit-s", type=float, default=10.0, help="per-input time limit (default: %(default)s)")

@@ -604,7 +604,8 @@ def _stream_source(f, start: int, header: dict, keys: list[str], jobs, plan: Pla
 
 
 def _natural(key: str):
-    return [int(p) if p.isdigit() else p for p in key.split(".")]
+    """Sort key with numeric parts in number order (``layers.2`` before ``layers.10``); any two keys compare."""
+    return [(0, int(p), "") if p.isascii() and p.isdigit() else (1, 0, p) for p in key.split(".")]
 
 
 def _write_metadata(tmp: Path, source: Path, config: dict, plan: Plan, jobs, weight_map: dict,

@@ -137,3 +137,12 @@ def test_quantize_packed_equals_quantize_then_pack(bits, symmetric, clip, dtype)
             assert torch.equal(packed, pack_int32(q.codes, bits)), (n, k, block)
             assert torch.equal(scale, q.scale)
             assert (zero is None) == symmetric and (symmetric or torch.equal(zero, q.zero))
+
+
+def test_source_keys_sort_naturally_whatever_their_parts():
+    """Fuzz finding (bench/fuzz.py checkpoint target): a key with text where another has a number crashed the sort."""
+    from mopeq.compiler.artifact import _natural
+
+    keys = ["m.layers.10.w", "m.layers.x.w", "m.layers.2.w", "m.layers.²", "m.layers", "m.layers.2"]
+    assert sorted(keys, key=_natural) == ["m.layers", "m.layers.2", "m.layers.2.w", "m.layers.10.w", "m.layers.x.w",
+                                          "m.layers.²"]

@@ -1,5 +1,6 @@
 """A short, derandomized fuzzing campaign (the long one is ``bench/fuzz.py``): mutated specs, profiles,
-plans and artifacts are either accepted or refused with a one-line ``InputError``; never a traceback."""
+plans, artifacts and source checkpoints are either accepted or refused with a one-line ``InputError``;
+never a traceback."""
 
 from __future__ import annotations
 
@@ -49,6 +50,20 @@ def test_artifact_loader_never_crashes(fuzz, corpus, tmp_path):
 
     run()
     assert "rejected" in outcomes
+
+
+def test_compiler_never_crashes_on_damaged_checkpoints(fuzz, corpus, tmp_path):
+    """Damaged source shards, headers, tensors (NaN/inf, wrong dtype or shape) and configs, compiled through
+    the native RTN kernel: an artifact or one line."""
+    outcomes = []
+
+    @SLOW
+    @given(rng=st.randoms(use_true_random=False))
+    def run(rng):
+        outcomes.append(_feed(fuzz, corpus, "checkpoint", rng, tmp_path / "scratch"))
+
+    run()
+    assert {"accepted", "rejected"} <= set(outcomes)
 
 
 def test_campaign_runner_counts_hangs_and_tracebacks(fuzz, corpus, tmp_path):
