@@ -25,6 +25,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -118,6 +119,7 @@ def _build(cc: list[str], directory: Path) -> Path:
     target = directory / f"rtn_pack-{key}.so"
     if target.exists():
         return target
+    _remove_stale_partial_builds(directory)
     fd, tmp = tempfile.mkstemp(suffix=".so.tmp", dir=directory)
     os.close(fd)
     try:
@@ -131,6 +133,16 @@ def _build(cc: list[str], directory: Path) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return target
+
+
+def _remove_stale_partial_builds(directory: Path, age_s: float = 3600.0) -> None:
+    """Half-written libraries of builds killed over an hour ago (a live build takes well under a second)."""
+    for path in directory.glob("*.so.tmp"):
+        try:
+            if time.time() - path.stat().st_mtime > age_s:
+                path.unlink()
+        except OSError:
+            pass  # another process removed or is replacing it
 
 
 @functools.lru_cache(maxsize=1)

@@ -1,6 +1,8 @@
 """The native RTN + pack kernel (``compiler/rtn_pack.c``) against the torch path, bit for bit, and its fallbacks."""
 
 import logging
+import os
+import time
 
 import pytest
 import torch
@@ -236,3 +238,16 @@ def test_portable_packing_without_pext(monkeypatch, fresh_library):
             w = hard_weights(n, k, torch.bfloat16, seed=bits + k)
             args = (w, bits, group, bits % 2 == 0, False, torch.bfloat16)
             assert_same(quantize_packed(*args), torch_path(monkeypatch, *args), (bits, n, k))
+
+
+@needs_kernel
+def test_partial_builds_of_killed_processes_are_removed(monkeypatch, fresh_library):
+    cache = fresh_library / "cache"
+    cache.mkdir(mode=0o700)
+    old, recent = cache / "tmpold.so.tmp", cache / "tmpnew.so.tmp"
+    old.write_bytes(b"half")
+    recent.write_bytes(b"half")
+    os.utime(old, (time.time() - 7200, time.time() - 7200))
+    monkeypatch.setenv("MOPEQ_CACHE", str(cache))
+    assert native.library() is not None
+    assert not old.exists() and recent.exists()  # a build still running elsewhere is left alone
