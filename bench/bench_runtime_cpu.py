@@ -1,6 +1,7 @@
 """CPU runtime cost: forward time of the demo artifact (torch path, experts packed) vs. the unquantized model.
 
 Usage: python bench/bench_runtime_cpu.py [--repeats 7] [--plan PLAN.json]
+       MOPEQ_NATIVE=0 python bench/bench_runtime_cpu.py   # torch dequantization instead of the native kernel
 Compiles the demo model with a mixed 2/3/4/8-bit plan (or the given plan), then times, in one run and
 interleaved, a prefill batch and a decode-like step on both models. Prints medians and the ratio.
 """
@@ -50,7 +51,10 @@ def main() -> None:
     gen = torch.Generator().manual_seed(0)
     cases = {"prefill 16x128": torch.randint(0, 256, (16, 128), generator=gen),
              "decode 1x32": torch.randint(0, 256, (1, 32), generator=gen)}
-    print(f"torch threads {torch.get_num_threads()}; medians of {args.repeats}")
+    from mopeq.compiler import native
+
+    kernel = "native (runtime/dequant.c)" if native.enabled() and native.library() is not None else "torch"
+    print(f"torch threads {torch.get_num_threads()}; medians of {args.repeats}; dequantization {kernel}")
     with torch.no_grad():
         for name, ids in cases.items():
             times = {"unquantized": [], "artifact": []}

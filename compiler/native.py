@@ -35,6 +35,8 @@ from .pack import packed_words
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("rtn_pack.c")
+# Built into the same library: the runtime's CPU dequantization (mopeq.runtime sits beside mopeq.compiler).
+SOURCES = [SOURCE, Path(__file__).resolve().parents[1] / "runtime" / "dequant.c"]
 # No fast-math and no FMA contraction: every operation must round as torch's does.
 FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-std=gnu11", "-shared", "-fPIC"]
 SOURCE_DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
@@ -106,7 +108,7 @@ def _library_folder() -> tuple[Path, bool]:
 
 
 def _compile(cc: list[str], flags: list[str], output: str) -> None:
-    subprocess.run([*cc, *flags, str(SOURCE), "-o", output], check=True, capture_output=True, text=True,
+    subprocess.run([*cc, *flags, *map(str, SOURCES), "-o", output], check=True, capture_output=True, text=True,
                    timeout=120)
 
 
@@ -114,7 +116,7 @@ def _build(cc: list[str], directory: Path) -> Path:
     cpu = _cpu_signature()
     flags = build_flags(cpu)
     version = subprocess.run([*cc, "--version"], capture_output=True, text=True, timeout=30).stdout
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), *flags, *cc, version, cpu, platform.machine(),
+    key = hashlib.sha256("\0".join([*(p.read_text() for p in SOURCES), *flags, *cc, version, cpu, platform.machine(),
                                     sys.platform]).encode()).hexdigest()[:16]
     target = directory / f"rtn_pack-{key}.so"
     if target.exists():
@@ -168,6 +170,8 @@ def library() -> ctypes.CDLL | None:
     lib.mopeq_rtn_pack.argtypes = [_PTR, _INT, _I64, _I64, _I64, _INT, _I64, _INT, _INT, _PTR, _I64, _PTR, _PTR]
     lib.mopeq_round_scales.argtypes = [_PTR, _I64, _INT, _PTR]
     lib.mopeq_widen_f16.argtypes = [_PTR, _I64, _PTR]
+    lib.mopeq_dequantize.restype = _INT
+    lib.mopeq_dequantize.argtypes = [_PTR, _I64, _I64, _INT, _I64, _I64, _PTR, _INT, _PTR, _INT, _PTR]
     return lib
 
 
@@ -199,3 +203,31 @@ def rtn_pack(w: torch.Tensor, bits: int, group_size: int, symmetric: bool, scale
     if status == 2:
         raise MemoryError("mopeq native RTN kernel: could not allocate its row buffers")
     return status == 0
+
+
+DEQUANT_DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+
+
+def dequantize(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, bits: int, group_size: int,
+               k: int, dtype: torch.dtype) -> torch.Tensor | None:
+    """``(codes - zero) * scale`` of packed ``[..., N, W]`` (scales/zeros ``[..., N, G]``) as ``[..., N, K]`` in
+    ``dtype``, bit-identical to ``mopeq.runtime.qlayer.dequantize_packed``'s torch code; None where that code
+    must run instead (kernel unavailable or disabled, another device or dtype, a scale beyond ``dtype``)."""
+    if not enabled() or packed.device.type != "cpu" or dtype not in DEQUANT_DTYPES or \
+            scale.dtype not in DEQUANT_DTYPES or packed.dtype != torch.int32 or packed.shape[-1] == 0:
+        return None
+    lib = library()
+    if lib is None:
+        return None
+    packed, scale = packed.contiguous(), scale.contiguous()
+    zero = None if zero is None else zero.contiguous()
+    rows, words = packed.numel() // packed.shape[-1], packed.shape[-1]
+    assert words == packed_words(k, bits) and scale.shape[:-1] == packed.shape[:-1] and 1 <= group_size
+    assert scale.shape[-1] == -(-k // group_size) and (zero is None or zero.shape == scale.shape)
+    out = torch.empty(*packed.shape[:-1], k, dtype=dtype)
+    status = lib.mopeq_dequantize(packed.data_ptr(), rows, words, bits, k, group_size, scale.data_ptr(),
+                                  DEQUANT_DTYPES[scale.dtype], None if zero is None else zero.data_ptr(),
+                                  DEQUANT_DTYPES[dtype], out.data_ptr())
+    if status == 2:
+        raise MemoryError("mopeq native dequantize: could not allocate its row buffers")
+    return out if status == 0 else None

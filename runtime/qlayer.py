@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..compiler import native
 from ..compiler.pack import unpack_int32
 
 
@@ -42,7 +43,12 @@ class PackedMatrix:
 
 def dequantize_packed(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, bits: int,
                       group_size: int, k: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """``(codes - zero) * scale`` for packed ``[..., N, W]``, scales/zeros ``[..., N, G]`` -> ``[..., N, K]``."""
+    """``(codes - zero) * scale`` for packed ``[..., N, W]``, scales/zeros ``[..., N, G]`` -> ``[..., N, K]``.
+
+    On CPU the native kernel (``runtime/dequant.c``) does it in one pass, bit for bit the same."""
+    dense = native.dequantize(packed, scale, zero, bits, group_size, k, dtype)
+    if dense is not None:
+        return dense
     codes = unpack_int32(packed, bits, k).to(dtype)
     g = scale.shape[-1]
     if g * group_size != k:
