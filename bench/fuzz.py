@@ -1,7 +1,8 @@
 """Bounded fuzzing campaign over every reader of untrusted files.
 
 Targets: the spec parser (``mopeq.planner.load_spec``), the profile and plan readers
-(``mopeq.schemas.read_profile`` / ``read_plan``), the artifact loader (``mopeq.runtime.load.load``) and
+(``mopeq.schemas.read_profile`` / ``read_plan``), the artifact loader (``mopeq.runtime.load.load``, then a
+forward pass of what it accepted) and
 image calibration folders (``images``: ``index.jsonl`` + PNG/JPEG/npy files, read by
 ``mopeq.profiler.calibration.read_qa_jsonl`` and ``load_rgb``, as ``--calib FOLDER`` reads them for
 DeepSeek-VL2 and MolmoE), and source checkpoints (``checkpoint``: a damaged model directory compiled by
@@ -326,8 +327,12 @@ def run_one(target: str, corpus: dict[str, Path], rng: random.Random, scratch: P
     if target == "artifact":
         from mopeq.runtime.load import load
 
+        import torch
+
         mutate_artifact(corpus["artifact"], scratch / "artifact", rng)
-        load(scratch / "artifact")
+        qmodel = load(scratch / "artifact")
+        with torch.no_grad():  # what was accepted must also run: the experts dequantize natively on CPU
+            qmodel.model(input_ids=torch.tensor([[1, 2, 3, 4]]))
         return
     if target == "images":
         _read_images(corpus["images"], scratch / "images", rng)

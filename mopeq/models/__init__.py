@@ -96,6 +96,11 @@ def _check_sizes(config: dict, where: Path, prefix: str = "") -> None:
                 raise InputError(f"{where}: {prefix}{key} is {value!r}, expected an integer in [{low}, {MAX_SIZE}]")
         elif isinstance(value, dict):
             _check_sizes(value, where, f"{prefix}{key}.")
+    top_k = config.get("num_experts_per_tok")
+    for count in ("n_routed_experts", "num_experts", "num_local_experts"):
+        if isinstance(top_k, int) and isinstance(config.get(count), int) and top_k > config[count]:
+            raise InputError(f"{where}: {prefix}num_experts_per_tok is {top_k}, expected at most "
+                             f"{prefix}{count} ({config[count]}): a token cannot pick more experts than exist")
 
 
 def adapter_class(config: dict, where: Path) -> type[MoEAdapter]:

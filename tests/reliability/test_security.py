@@ -151,7 +151,20 @@ def _bits(value: int):
     return edit
 
 
+def _top_k_over_experts(artifact: Path) -> None:
+    """A config (re-signed in the manifest) whose tokens would pick more experts than exist: found by the fuzzer,
+    it loaded and then failed inside the router's topk."""
+    from mopeq.schemas import config_hash
+
+    config = json.loads((artifact / "config.json").read_text())
+    moe = next(d for d in (config, *[v for v in config.values() if isinstance(v, dict)]) if "num_experts_per_tok" in d)
+    moe["num_experts_per_tok"] = moe["n_routed_experts"] + 1
+    (artifact / "config.json").write_text(json.dumps(config))
+    _edit_manifest(artifact, lambda m: m.update(config_hash=config_hash(config)))
+
+
 CASES = {
+    "top_k_over_experts": (_top_k_over_experts, r"num_experts_per_tok is \d+, expected at most \S*n_routed_experts"),
     "escape_dotdot": (lambda a: _rename_shard(a, "../elsewhere.safetensors"), r"points outside"),
     "escape_absolute": (lambda a: _rename_shard(a, "/etc/passwd"), r"points outside"),
     "escape_symlink": (_symlink_out, r"points outside .*symlink"),
