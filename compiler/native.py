@@ -1,7 +1,9 @@
-"""The native fast path of ``quantize_packed``: ``rtn_pack.c`` built with the system C compiler on first use.
+"""Native CPU kernels built with the system C compiler on first use: the fast path of ``quantize_packed``
+(``rtn_pack.c``) and of the runtime's ``dequantize_packed`` (``runtime/dequant.c``), in one library.
 
-The kernel reads each weight once and writes packed words, scales and zero points, bit-identical to
-the torch path (``_rtn_block`` + ``pack_int32``), and is loaded with ctypes, whose calls release the GIL.
+The RTN kernel reads each weight once and writes packed words, scales and zero points, bit-identical to
+the torch path (``_rtn_block`` + ``pack_int32``); the dequantization kernel is likewise bit-identical to
+its torch code. The library is loaded with ctypes, whose calls release the GIL.
 It is built into ``$MOPEQ_CACHE`` (default ``$XDG_CACHE_HOME/mopeq`` or ``~/.cache/mopeq``) under a name
 keyed by the source, the flags, the compiler and its version, and this CPU, and published atomically.
 A library is only ever loaded from a folder that this user owns and nobody else can write; where the
