@@ -214,18 +214,27 @@ def dequantize(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | N
                k: int, dtype: torch.dtype) -> torch.Tensor | None:
     """``(codes - zero) * scale`` of packed ``[..., N, W]`` (scales/zeros ``[..., N, G]``) as ``[..., N, K]`` in
     ``dtype``, bit-identical to ``mopeq.runtime.qlayer.dequantize_packed``'s torch code; None where that code
-    must run instead (kernel unavailable or disabled, another device or dtype, a scale beyond ``dtype``)."""
-    if not enabled() or packed.device.type != "cpu" or dtype not in DEQUANT_DTYPES or \
-            scale.dtype not in DEQUANT_DTYPES or packed.dtype != torch.int32 or packed.shape[-1] == 0:
+    must run instead: kernel unavailable or disabled, another device or dtype, inconsistent shapes (the
+    torch code raises), gradients wanted through the scales, or a scale beyond ``dtype``."""
+    tensors = [t for t in (packed, scale, zero) if t is not None]
+    if not enabled() or any(t.device.type != "cpu" for t in tensors) or dtype not in DEQUANT_DTYPES \
+            or scale.dtype not in DEQUANT_DTYPES or packed.dtype != torch.int32 \
+            or (zero is not None and zero.dtype != torch.uint8) or bits not in (2, 3, 4, 8) or k < 1 \
+            or group_size < 1 or packed.dim() < 1 or packed.shape[-1] == 0 or packed.numel() == 0:
+        return None
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return None
+    group_size = min(group_size, k)
+    groups = -(-k // group_size)
+    if packed.shape[-1] != packed_words(k, bits) or scale.shape != (*packed.shape[:-1], groups) \
+            or (zero is not None and zero.shape != scale.shape):
         return None
     lib = library()
     if lib is None:
         return None
-    packed, scale = packed.contiguous(), scale.contiguous()
+    packed, scale = packed.resolve_neg().contiguous(), scale.resolve_neg().contiguous()
     zero = None if zero is None else zero.contiguous()
     rows, words = packed.numel() // packed.shape[-1], packed.shape[-1]
-    assert words == packed_words(k, bits) and scale.shape[:-1] == packed.shape[:-1] and 1 <= group_size
-    assert scale.shape[-1] == -(-k // group_size) and (zero is None or zero.shape == scale.shape)
     out = torch.empty(*packed.shape[:-1], k, dtype=dtype)
     status = lib.mopeq_dequantize(packed.data_ptr(), rows, words, bits, k, group_size, scale.data_ptr(),
                                   DEQUANT_DTYPES[scale.dtype], None if zero is None else zero.data_ptr(),

@@ -9,7 +9,8 @@
  *   out     [rows, k] fp32 / bf16 / fp16 (out_dtype 0 / 1 / 2)
  * torch computes (codes.to(dtype) - zero) * scale.to(dtype) in the output dtype: the difference is an
  * integer in [-255, 255] (exact in every dtype), the scale is first rounded to the output dtype, and
- * their product, exact in fp32 (<= 9 + 11 significant bits), is rounded once to the output dtype.
+ * their product is rounded once to the output dtype: computed in fp32, it is exact for bf16/fp16 scales
+ * (<= 9 + 11 significant bits) and, for fp32 scales, rounded once in fp32 exactly as torch rounds it.
  * Returns 0, or 1 when a scale overflows the output dtype (the caller then runs the torch path).
  */
 #include <stdint.h>

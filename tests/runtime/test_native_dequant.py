@@ -83,3 +83,28 @@ def test_dequantize_many_matches_one_by_one(monkeypatch):
         for m, dense in zip(mats, dequantize_many(mats, torch.bfloat16)):
             assert same_bits(dense, torch_path(monkeypatch, m.packed, m.scale, m.zero, m.bits, 32, m.shape[1],
                                                torch.bfloat16))
+
+
+@needs_kernel
+def test_direct_calls_with_bad_arguments_behave_as_the_torch_code(monkeypatch):
+    """Review findings: arguments the loader never lets through (unsupported widths, shapes that disagree,
+    another zero-point dtype, gradients, negated views) must not reach the kernel; the torch code decides."""
+    packed, scale, zero = packed_case((), 4, 64, 4, 32, torch.bfloat16, False, seed=2)
+    for bits in (1, 5, 16):
+        with pytest.raises(ValueError):
+            dequantize_packed(torch.zeros(4, 16, dtype=torch.int32), scale, zero, bits, 32, 64, torch.float32)
+    for args in [(packed, scale[:, :1], zero[:, :1], 4, 32, 64, torch.float32),  # one group of scales short
+                 (packed, scale, zero.to(torch.int32), 4, 32, 64, torch.float32),
+                 (packed, torch._neg_view(scale.clone()), zero, 4, 32, 64, torch.float32),
+                 (packed, scale, zero, 4, 2**64 + 1, 64, torch.float32)]:
+        try:
+            expected = torch_path(monkeypatch, *args)
+        except (RuntimeError, ValueError, TypeError) as e:
+            with pytest.raises(type(e)):
+                dequantize_packed(*args)
+        else:
+            assert same_bits(dequantize_packed(*args), expected)
+    wanted = scale.float().requires_grad_()
+    out = dequantize_packed(packed, wanted, zero, 4, 32, 64, torch.float32)
+    out.sum().backward()
+    assert wanted.grad is not None and wanted.grad.abs().sum() > 0
