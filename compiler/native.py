@@ -216,29 +216,28 @@ def dequantize(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | N
     ``dtype``, bit-identical to ``mopeq.runtime.qlayer.dequantize_packed``'s torch code; None where that code
     must run instead: kernel unavailable or disabled, another device or dtype, inconsistent shapes (the
     torch code raises), gradients wanted through the scales, or a scale beyond ``dtype``."""
-    tensors = [t for t in (packed, scale, zero) if t is not None]
-    if not enabled() or any(t.device.type != "cpu" for t in tensors) or dtype not in DEQUANT_DTYPES \
+    if not (packed.is_cpu and scale.is_cpu and (zero is None or zero.is_cpu)) or dtype not in DEQUANT_DTYPES \
             or scale.dtype not in DEQUANT_DTYPES or packed.dtype != torch.int32 \
             or (zero is not None and zero.dtype != torch.uint8) or bits not in (2, 3, 4, 8) or k < 1 \
-            or group_size < 1 or packed.dim() < 1 or packed.shape[-1] == 0 or packed.numel() == 0:
+            or group_size < 1 or packed.dim() < 1 or packed.numel() == 0 or not enabled():
         return None
-    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-        return None
+    if torch.is_grad_enabled() and (scale.requires_grad or packed.requires_grad):
+        return None  # the torch code keeps the graph (uint8 zero points cannot require grad)
     group_size = min(group_size, k)
-    groups = -(-k // group_size)
-    if packed.shape[-1] != packed_words(k, bits) or scale.shape != (*packed.shape[:-1], groups) \
-            or (zero is not None and zero.shape != scale.shape):
+    lead = packed.shape[:-1]
+    if packed.shape[-1] != packed_words(k, bits) or scale.shape[:-1] != lead \
+            or scale.shape[-1] != -(-k // group_size) or (zero is not None and zero.shape != scale.shape):
         return None
     lib = library()
     if lib is None:
         return None
     packed, scale = packed.resolve_neg().contiguous(), scale.resolve_neg().contiguous()
     zero = None if zero is None else zero.contiguous()
-    rows, words = packed.numel() // packed.shape[-1], packed.shape[-1]
-    out = torch.empty(*packed.shape[:-1], k, dtype=dtype)
-    status = lib.mopeq_dequantize(packed.data_ptr(), rows, words, bits, k, group_size, scale.data_ptr(),
-                                  DEQUANT_DTYPES[scale.dtype], None if zero is None else zero.data_ptr(),
-                                  DEQUANT_DTYPES[dtype], out.data_ptr())
+    words = packed.shape[-1]
+    out = torch.empty((*lead, k), dtype=dtype)
+    status = lib.mopeq_dequantize(packed.data_ptr(), packed.numel() // words, words, bits, k, group_size,
+                                  scale.data_ptr(), DEQUANT_DTYPES[scale.dtype],
+                                  None if zero is None else zero.data_ptr(), DEQUANT_DTYPES[dtype], out.data_ptr())
     if status == 2:
         raise MemoryError("mopeq native dequantize: could not allocate its row buffers")
     return out if status == 0 else None
