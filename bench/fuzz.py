@@ -189,12 +189,8 @@ def mutate_artifact(src: Path, dst: Path, rng: random.Random) -> None:
     shard = sorted(dst.glob("*.safetensors"))[0]
     kind = rng.choice(["shard_bytes", "shard_header", "shard_header", "tensor", "manifest", "config", "index",
                        "escape"])
-    if kind == "shard_bytes":
-        shard.write_bytes(rng.choice([flip_bits, truncate, splice])(shard.read_bytes(), rng))
-    elif kind == "shard_header":
-        _mutate_header(shard, rng)
-    elif kind == "tensor":
-        _mutate_tensor(shard, rng)
+    if kind in SHARD_DAMAGE:
+        SHARD_DAMAGE[kind](shard, rng)
     elif kind == "escape":
         _escape(dst, shard, rng)
     else:
@@ -248,6 +244,13 @@ def _mutate_tensor(shard: Path, rng: random.Random) -> None:
     save_file(state, str(shard), metadata={"format": "pt"})
 
 
+def _damage_bytes(shard: Path, rng: random.Random) -> None:
+    shard.write_bytes(rng.choice([flip_bits, truncate, splice])(shard.read_bytes(), rng))
+
+
+SHARD_DAMAGE = {"shard_bytes": _damage_bytes, "shard_header": _mutate_header, "tensor": _mutate_tensor}
+
+
 def _escape(dst: Path, shard: Path, rng: random.Random) -> None:
     outside = dst.parent / "outside.safetensors"
     shutil.copy(shard, outside)
@@ -291,14 +294,9 @@ def _resign_config(dst: Path) -> None:
 def mutate_checkpoint(src: Path, dst: Path, rng: random.Random) -> None:
     """Copy model directory ``src`` to ``dst`` and damage one shard or its config once."""
     shutil.copytree(src, dst)
-    shard = sorted(dst.glob("*.safetensors"))[0]
     kind = rng.choice(["shard_bytes", "shard_header", "tensor", "tensor", "config"])
-    if kind == "shard_bytes":
-        shard.write_bytes(rng.choice([flip_bits, truncate, splice])(shard.read_bytes(), rng))
-    elif kind == "shard_header":
-        _mutate_header(shard, rng)
-    elif kind == "tensor":
-        _mutate_tensor(shard, rng)
+    if kind in SHARD_DAMAGE:
+        SHARD_DAMAGE[kind](sorted(dst.glob("*.safetensors"))[0], rng)
     else:
         (dst / "config.json").write_bytes(mutate_text((dst / "config.json").read_bytes(), rng, _json_codec()))
 

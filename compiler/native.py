@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("rtn_pack.c")
 # Built into the same library: the runtime's CPU dequantization (mopeq.runtime sits beside mopeq.compiler).
 SOURCES = [SOURCE, Path(__file__).resolve().parents[1] / "runtime" / "dequant.c"]
+HEADERS = [Path(__file__).with_name("float_bits.h")]  # included by both: part of the cache key
 # No fast-math and no FMA contraction: every operation must round as torch's does.
 FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-std=gnu11", "-shared", "-fPIC"]
 SOURCE_DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
@@ -118,9 +119,9 @@ def _build(cc: list[str], directory: Path) -> Path:
     cpu = _cpu_signature()
     flags = build_flags(cpu)
     version = subprocess.run([*cc, "--version"], capture_output=True, text=True, timeout=30).stdout
-    key = hashlib.sha256("\0".join([*(p.read_text() for p in SOURCES), *flags, *cc, version, cpu, platform.machine(),
-                                    sys.platform]).encode()).hexdigest()[:16]
-    target = directory / f"rtn_pack-{key}.so"
+    texts = [p.read_text() for p in SOURCES + HEADERS]
+    key = hashlib.sha256("\0".join([*texts, *flags, *cc, version, cpu, platform.machine(), sys.platform]).encode())
+    target = directory / f"rtn_pack-{key.hexdigest()[:16]}.so"
     if target.exists():
         return target
     _remove_stale_partial_builds(directory)

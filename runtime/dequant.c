@@ -17,57 +17,35 @@
 #include <stdlib.h>
 #include <string.h>
 
-enum { DQ_F32 = 0, DQ_BF16 = 1, DQ_F16 = 2 };
+#include "../compiler/float_bits.h"
 
-static float dq_bits_to_f32(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }
-static uint32_t dq_f32_to_bits(float f) { uint32_t u; memcpy(&u, &f, 4); return u; }
-
-/* fp32 -> bf16, round to nearest even (finite input). */
-static uint16_t dq_to_bf16(float f) {
-    uint32_t u = dq_f32_to_bits(f);
-    return (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
-}
-
-/* fp32 -> fp16, round to nearest even, overflow to infinity, subnormal results (finite input). */
-static uint16_t dq_to_f16(float f) {
-    uint32_t u = dq_f32_to_bits(f), sign = (u >> 16) & 0x8000u, a = u & 0x7FFFFFFFu;
-    if (a >= 0x477FF000u) return (uint16_t)(sign | 0x7C00u);
-    if (a < 0x38800000u) {
-        uint32_t m = dq_f32_to_bits(dq_bits_to_f32(a) * 16777216.0f + 8388608.0f) - 0x4B000000u;
-        return (uint16_t)(sign | m);
-    }
-    uint32_t rounded = a + 0xFFFu + ((a >> 13) & 1u);
-    return (uint16_t)(sign | ((rounded - 0x38000000u) >> 13));
-}
-
-static float dq_from_f16(uint16_t h) {
-    uint32_t sign = (uint32_t)(h & 0x8000u) << 16, a = h & 0x7FFFu;
-    if ((a & 0x7C00u) == 0x7C00u) return dq_bits_to_f32(sign | 0x7F800000u | (a & 0x3FFu) << 13);
-    uint32_t normal = (a << 13) + 0x38000000u;
-    uint32_t subnormal = dq_f32_to_bits((float)(int32_t)a * 5.9604644775390625e-08f);
-    return dq_bits_to_f32((a >= 0x400u ? normal : subnormal) | sign);
+/* A finite-only widening suffices for codes; scales get infinities and NaN through as torch would. */
+static float scale_from_f16(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000u) << 16;
+    if ((h & 0x7C00u) == 0x7C00u) return bits_to_f32(sign | 0x7F800000u | (uint32_t)(h & 0x3FFu) << 13);
+    return f16_to_f32(h);
 }
 
 static float load_scale(const void *scale, int dtype, int64_t i) {
-    if (dtype == DQ_F32) return ((const float *)scale)[i];
+    if (dtype == DTYPE_F32) return ((const float *)scale)[i];
     uint16_t h = ((const uint16_t *)scale)[i];
-    return dtype == DQ_BF16 ? dq_bits_to_f32((uint32_t)h << 16) : dq_from_f16(h);
+    return dtype == DTYPE_BF16 ? bf16_to_f32(h) : scale_from_f16(h);
 }
 
 /* A float rounded to the output dtype and back; 0 when it is not finite there. */
 static int as_out_dtype(float x, int dtype, float *rounded) {
-    if (dtype == DQ_BF16) {
-        uint16_t h = dq_to_bf16(x);
+    if (dtype == DTYPE_BF16) {
+        uint16_t h = f32_to_bf16(x);
         if ((h & 0x7F80u) == 0x7F80u) return 0;
-        *rounded = dq_bits_to_f32((uint32_t)h << 16);
-    } else if (dtype == DQ_F16) {
-        uint16_t h = dq_to_f16(x);
+        *rounded = bits_to_f32((uint32_t)h << 16);
+    } else if (dtype == DTYPE_F16) {
+        uint16_t h = f32_to_f16(x);
         if ((h & 0x7C00u) == 0x7C00u) return 0;
-        *rounded = dq_from_f16(h);
+        *rounded = f16_to_f32(h);
     } else {
         *rounded = x;
     }
-    return (dq_f32_to_bits(*rounded) & 0x7F800000u) != 0x7F800000u;
+    return (f32_to_bits(*rounded) & 0x7F800000u) != 0x7F800000u;
 }
 
 /* One row of packed words -> k byte codes (bytes: the words' little-endian byte stream, padded). */
@@ -112,9 +90,9 @@ int mopeq_dequantize(const int32_t *packed, int64_t rows, int64_t words, int bit
             ok = as_out_dtype(load_scale(scale_in, scale_dtype, r * groups + g), out_dtype, &scale);
             if (!ok) break;
             const uint8_t *restrict c = codes + start;
-            if (out_dtype == DQ_F32) STORE_GROUP(float, AS_IS);
-            else if (out_dtype == DQ_BF16) STORE_GROUP(uint16_t, dq_to_bf16);
-            else STORE_GROUP(uint16_t, dq_to_f16);
+            if (out_dtype == DTYPE_F32) STORE_GROUP(float, AS_IS);
+            else if (out_dtype == DTYPE_BF16) STORE_GROUP(uint16_t, f32_to_bf16);
+            else STORE_GROUP(uint16_t, f32_to_f16);
         }
     }
     int failed = bytes == NULL || codes == NULL ? 2 : !ok;

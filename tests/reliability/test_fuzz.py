@@ -40,27 +40,16 @@ def test_text_readers_never_crash(target, fuzz, corpus, tmp_path):
     assert "rejected" in outcomes  # the campaign reached the error paths
 
 
-def test_artifact_loader_never_crashes(fuzz, corpus, tmp_path):
+@pytest.mark.parametrize("target", ["artifact", "checkpoint"])
+def test_artifact_loader_and_compiler_never_crash(target, fuzz, corpus, tmp_path):
+    """Damaged artifacts are loaded and what loads runs a forward; damaged source checkpoints (shards,
+    headers, NaN/inf or reshaped tensors, configs) are compiled through the native RTN kernel."""
     outcomes = []
 
     @SLOW
     @given(rng=st.randoms(use_true_random=False))
     def run(rng):
-        outcomes.append(_feed(fuzz, corpus, "artifact", rng, tmp_path / "scratch"))
-
-    run()
-    assert "rejected" in outcomes
-
-
-def test_compiler_never_crashes_on_damaged_checkpoints(fuzz, corpus, tmp_path):
-    """Damaged source shards, headers, tensors (NaN/inf, wrong dtype or shape) and configs, compiled through
-    the native RTN kernel: an artifact or one line."""
-    outcomes = []
-
-    @SLOW
-    @given(rng=st.randoms(use_true_random=False))
-    def run(rng):
-        outcomes.append(_feed(fuzz, corpus, "checkpoint", rng, tmp_path / "scratch"))
+        outcomes.append(_feed(fuzz, corpus, target, rng, tmp_path / "scratch"))
 
     run()
     assert {"accepted", "rejected"} <= set(outcomes)
