@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from .pack import packed_words
+from .pack import SUPPORTED_BITS, packed_words
 
 log = logging.getLogger(__name__)
 
@@ -42,8 +42,8 @@ SOURCES = [SOURCE, Path(__file__).resolve().parents[1] / "runtime" / "dequant.c"
 HEADERS = [Path(__file__).with_name("float_bits.h")]  # included by both: part of the cache key
 # No fast-math and no FMA contraction: every operation must round as torch's does.
 FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-std=gnu11", "-shared", "-fPIC"]
-SOURCE_DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
-SCALE_DTYPES = {torch.bfloat16: 1, torch.float16: 2}
+DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # float_bits.h's DTYPE_F32/BF16/F16
+SCALE_DTYPES = {d: DTYPE_CODES[d] for d in (torch.bfloat16, torch.float16)}  # what rtn_pack.c stores
 _I64, _INT, _PTR = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
 
 
@@ -183,7 +183,7 @@ def rtn_pack(w: torch.Tensor, bits: int, group_size: int, symmetric: bool, scale
     """Fill ``packed`` [N, words] int32, ``scale`` [N, G] and ``zero`` [N, G] uint8 (None if symmetric) from
     ``w`` [N, K]; ``group_size`` <= K. Returns False, writing nothing meaningful, where the torch path must
     run instead: kernel unavailable or disabled, an unsupported dtype or layout, or non-finite groups."""
-    if not enabled() or w.device.type != "cpu" or w.dtype not in SOURCE_DTYPES or scale_dtype not in SCALE_DTYPES:
+    if not enabled() or w.device.type != "cpu" or w.dtype not in DTYPE_CODES or scale_dtype not in SCALE_DTYPES:
         return False
     n, k = w.shape
     if n == 0 or k == 0:
@@ -195,20 +195,18 @@ def rtn_pack(w: torch.Tensor, bits: int, group_size: int, symmetric: bool, scale
     if w.stride(1) != 1 or w.stride(0) < k:
         w = w.contiguous()
     groups = -(-k // group_size)
-    assert 1 <= group_size <= k and bits in (2, 3, 4, 8)
+    assert 1 <= group_size <= k and bits in SUPPORTED_BITS
     assert packed.dtype == torch.int32 and packed.is_contiguous() and packed.shape == (n, packed_words(k, bits))
     assert scale.dtype == scale_dtype and scale.is_contiguous() and scale.shape == (n, groups)
     assert (zero is None) == symmetric and (zero is None or (zero.dtype == torch.uint8 and zero.is_contiguous()
                                                              and zero.shape == (n, groups)))
-    status = lib.mopeq_rtn_pack(w.data_ptr(), SOURCE_DTYPES[w.dtype], n, k, w.stride(0), bits, group_size,
+    status = lib.mopeq_rtn_pack(w.data_ptr(), DTYPE_CODES[w.dtype], n, k, w.stride(0), bits, group_size,
                                 int(symmetric), SCALE_DTYPES[scale_dtype], packed.data_ptr(), packed.shape[1],
                                 scale.data_ptr(), None if zero is None else zero.data_ptr())
     if status == 2:
         raise MemoryError("mopeq native RTN kernel: could not allocate its row buffers")
     return status == 0
 
-
-DEQUANT_DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 
 def dequantize(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, bits: int, group_size: int,
@@ -217,9 +215,9 @@ def dequantize(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | N
     ``dtype``, bit-identical to ``mopeq.runtime.qlayer.dequantize_packed``'s torch code; None where that code
     must run instead: kernel unavailable or disabled, another device or dtype, inconsistent shapes (the
     torch code raises), gradients wanted through the scales, or a scale beyond ``dtype``."""
-    if not (packed.is_cpu and scale.is_cpu and (zero is None or zero.is_cpu)) or dtype not in DEQUANT_DTYPES \
-            or scale.dtype not in DEQUANT_DTYPES or packed.dtype != torch.int32 \
-            or (zero is not None and zero.dtype != torch.uint8) or bits not in (2, 3, 4, 8) or k < 1 \
+    if not (packed.is_cpu and scale.is_cpu and (zero is None or zero.is_cpu)) or dtype not in DTYPE_CODES \
+            or scale.dtype not in DTYPE_CODES or packed.dtype != torch.int32 \
+            or (zero is not None and zero.dtype != torch.uint8) or bits not in SUPPORTED_BITS or k < 1 \
             or group_size < 1 or packed.dim() < 1 or packed.numel() == 0 or not enabled():
         return None
     if torch.is_grad_enabled() and (scale.requires_grad or packed.requires_grad):
@@ -237,8 +235,8 @@ def dequantize(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | N
     words = packed.shape[-1]
     out = torch.empty((*lead, k), dtype=dtype)
     status = lib.mopeq_dequantize(packed.data_ptr(), packed.numel() // words, words, bits, k, group_size,
-                                  scale.data_ptr(), DEQUANT_DTYPES[scale.dtype],
-                                  None if zero is None else zero.data_ptr(), DEQUANT_DTYPES[dtype], out.data_ptr())
+                                  scale.data_ptr(), DTYPE_CODES[scale.dtype],
+                                  None if zero is None else zero.data_ptr(), DTYPE_CODES[dtype], out.data_ptr())
     if status == 2:
         raise MemoryError("mopeq native dequantize: could not allocate its row buffers")
     return out if status == 0 else None

@@ -341,7 +341,9 @@ def cmd_eval(args) -> None:
     elif args.task == "vqa":
         if args.data is None:
             raise InputError("--data: required for --task vqa (a JSONL file)")
-        if not is_demo and loaded.config["model_type"] not in ("deepseek_vl_v2", "molmo", "molmoe"):
+        from .vlm import FAMILIES
+
+        if not is_demo and loaded.config["model_type"] not in FAMILIES:
             raise InputError(f"--task vqa: model_type {loaded.config['model_type']!r} takes no images "
                              "(vqa: demo VLM, DeepSeek-VL2, MolmoE)")
         result = evaluate.vqa_file(loaded, args.data, progress=True,

@@ -56,19 +56,19 @@ def append(inputs: dict, ids: list[int]) -> dict:
 
 
 @torch.no_grad()
+def _logits_for(loaded, inputs: dict, ids: list[int]) -> torch.Tensor:
+    """``[len(ids), V]``: the model's logits at each position that predicts one of ``ids`` (teacher-forced)."""
+    start = inputs["input_ids"].shape[1]
+    return loaded.model(**append(inputs, ids), use_cache=False).logits[0, start - 1 : -1]
+
+
 def continuation_logprob(loaded, inputs: dict, ids: list[int]) -> float:
     """Total log-probability of the text tokens ``ids`` right after ``inputs``."""
-    full = append(inputs, ids)
-    start = inputs["input_ids"].shape[1]
-    logits = loaded.model(**full, use_cache=False).logits[0, start - 1 : -1].float()
+    logits = _logits_for(loaded, inputs, ids).float()
     return float(torch.log_softmax(logits, -1).gather(-1, torch.tensor(ids)[:, None]).sum())
 
 
-@torch.no_grad()
 def greedy_matches(loaded, inputs: dict, ids: list[int]) -> bool:
     """Whether greedy decoding after ``inputs`` produces exactly the tokens ``ids`` (teacher-forced argmax,
     so what the model says after a correct answer does not matter)."""
-    full = append(inputs, ids)
-    start = inputs["input_ids"].shape[1]
-    logits = loaded.model(**full, use_cache=False).logits[0, start - 1 : -1]
-    return logits.argmax(-1).tolist() == list(ids)
+    return _logits_for(loaded, inputs, ids).argmax(-1).tolist() == list(ids)

@@ -143,10 +143,8 @@ def vl2_batches(folder: Path, config: dict, tokenizer) -> list[dict]:
     for where, r in _image_records(folder):
         sample = encode(f"<image>\n{r['question']} {r['answer']}", [load_rgb(folder / r["image"], where)],
                         tokenizer, config)
-        ids, mask = sample["input_ids"][0], sample["images_seq_mask"][0]
-        labels = torch.full_like(ids, -100)
-        labels[:-1] = torch.where(mask[1:], -100, ids[1:])
-        out.append(dict(sample, labels=labels[None], modality="image"))
+        labels = _text_labels(sample["input_ids"], sample["images_seq_mask"])
+        out.append(dict(sample, labels=labels, modality="image"))
     return out
 
 
@@ -168,11 +166,16 @@ def molmo_batches(folder: Path, config: dict, tokenizer, directory: Path) -> lis
     for where, r in _image_records(folder):
         b = molmo_inputs(cfg, g, tokenizer, load_rgb(folder / r["image"], where),
                          f" User: {r['question']} Assistant: {r['answer']}")
-        labels = torch.full_like(b["input_ids"], -100)
-        following = b["input_ids"][:, 1:]
-        labels[:, :-1] = torch.where(torch.isin(following, special), -100, following)
+        labels = _text_labels(b["input_ids"], torch.isin(b["input_ids"], special))
         out.append(dict(b, labels=labels, modality="image"))
     return out
+
+
+def _text_labels(ids: torch.Tensor, image_slots: torch.Tensor) -> torch.Tensor:
+    """``[B, T]`` next-token labels, ``-100`` where the next token is an image slot (and at the end)."""
+    labels = torch.full_like(ids, -100)
+    labels[:, :-1] = torch.where(image_slots[:, 1:], -100, ids[:, 1:])
+    return labels
 
 
 def load_rgb(path: Path, where: str):
