@@ -65,7 +65,7 @@ class LayerStreamer:
     def __init__(self, path):
         self.directory = resolve_dir(path)
         self.config = read_config(self.directory)
-        self.adapter = skeleton(self.config, self.directory, device="meta")
+        self.adapter = skeleton(self.config, self.directory, device="meta", dtype=torch.float32)  # as profiled in memory
         if self.adapter.family == "molmo":  # OLMo names (fused att_proj, stacked experts) are converted on load
             raise InputError(f"{self.directory}: layer-streamed profiling does not read MolmoE checkpoints (their "
                              f"tensors are renamed and split when loaded); profile in memory (drop --resume / "
@@ -82,13 +82,15 @@ class LayerStreamer:
         return self.model.get_submodule(self.layers_prefix.rsplit(".", 1)[0])
 
     def _load_outside_layers(self) -> None:
+        inside = f"{self.layers_prefix}."
+        keys = [k for k in self.reader.keys if not self.adapter.memory_key(k).startswith(inside)]
+        tensors = self.adapter.memory_tensors({k: self.reader.read(k) for k in keys})
         for name, module in self.model.named_modules():
             if name.startswith(self.layers_prefix) or name == "":
                 continue
             for pname, _ in list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False)):
-                key = f"{name}.{pname}"
-                if key in self.reader.keys:
-                    self._set(module, pname, self.reader.read(key))
+                if f"{name}.{pname}" in tensors:
+                    self._set(module, pname, tensors[f"{name}.{pname}"])
         core = self.core()
         core.rotary_emb = type(core.rotary_emb)(core.config)  # non-persistent buffers: rebuild on CPU
         self._track()
@@ -106,18 +108,25 @@ class LayerStreamer:
         self.stats.peak_resident_params = max(self.stats.peak_resident_params, resident)
 
     def load_layer(self, layer: int) -> torch.nn.Module:
-        """Materialise decoder layer ``layer`` from the shards (fused or per-expert expert tensors)."""
+        """Materialise decoder layer ``layer`` from the shards, converted the way the family loads them."""
         module = self.adapter.decoder_layers()[layer]
         prefix = f"{self.layers_prefix}.{layer}."
         module.to_empty(device="cpu")
+        own = list(module.named_parameters()) + list(module.named_buffers())
+        names = {prefix + name for name, _ in own}
+        keys = [k for k in self.reader.keys if self.adapter.memory_key(k) in names]
+        tensors = self.adapter.memory_tensors({k: self.reader.read(k) for k in keys})
+        self.stats.loaded_tensors += len(keys)
+        experts_left = False
         with torch.no_grad():
-            for name, tensor in list(module.named_parameters()) + list(module.named_buffers()):
-                if prefix + name in self.reader.keys:
-                    tensor.copy_(self.reader.read(prefix + name))
-                    self.stats.loaded_tensors += 1
-                elif not self._is_expert_tensor(layer, tensor):
+            for name, tensor in own:
+                if prefix + name in tensors:
+                    tensor.copy_(tensors[prefix + name])
+                elif self._is_expert_tensor(layer, tensor):
+                    experts_left = True
+                else:
                     raise InputError(f"{self.directory}: tensor {prefix + name} missing from the checkpoint")
-        if layer in self.adapter.moe_layers():
+        if experts_left:  # one tensor per expert under the module's names (families mopeq builds itself)
             self._load_experts(layer)
         self.stats.layers_loaded.append(layer)
         self._track()
@@ -152,7 +161,7 @@ class LayerStreamer:
                              f"image calibration in memory (drop --resume / raise --max-memory)")
         if hasattr(self.model, "embed"):
             return self.model.embed(batch["input_ids"], batch.get("images"))  # the demo VLM
-        return self.core().embed_tokens(batch["input_ids"])
+        return self.adapter.embed_tokens(self.core(), batch["input_ids"])
 
     def run_layer(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
         """Decoder layer ``layer`` on ``hidden`` ``[B, T, H]`` with causal mask and rotary embeddings."""
@@ -168,9 +177,11 @@ class LayerStreamer:
 
     def loss(self, batch: dict, hidden: torch.Tensor) -> torch.Tensor:
         """Mean next-token cross-entropy from the last hidden states (same rule as ``adapter.loss``)."""
-        owner = self.layers_prefix.rsplit(".", 1)[0].rpartition(".")[0]  # "language" or ""
-        head = self.model.get_submodule(f"{owner}.lm_head" if owner else "lm_head")
-        logits = head(self.core().norm(hidden))
+        head = self.model.get_output_embeddings() if hasattr(self.model, "get_output_embeddings") else None
+        if head is None:  # mopeq's own VLM wrappers: the language model's head
+            owner = self.layers_prefix.rsplit(".", 1)[0].rpartition(".")[0]  # "language" or ""
+            head = self.model.get_submodule(f"{owner}.lm_head" if owner else "lm_head")
+        logits = self.adapter.head_logits(head, self.core().norm(hidden))
         labels = batch.get("labels")
         if labels is None:
             labels, logits = batch["input_ids"][:, 1:], logits[:, :-1]

@@ -183,5 +183,7 @@ def _swap_experts(adapter, tensors: dict, bits: dict, group_size: int) -> None:
 
 def _load_dense(model, tensors: dict, directory: Path) -> None:
     state = model.state_dict()  # expert buffers are non-persistent: only the dense weights are expected
+    tied = getattr(model, "all_tied_weights_keys", None) or {}  # e.g. lm_head.weight: the embedding, not saved
+    state = {k: v for k, v in state.items() if not (k in tied and k not in tensors)}
     check_state(state, tensors, str(directory), "artifact")
     model.load_state_dict({k: v.to(state[k].dtype) for k, v in tensors.items()}, strict=False)

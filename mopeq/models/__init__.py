@@ -72,35 +72,8 @@ def read_config(directory: Path) -> dict:
     config = read_json(directory / "config.json", "config")
     if not isinstance(config, dict) or not isinstance(config.get("model_type"), str):
         raise InputError(f"{directory / 'config.json'}: no 'model_type' field")
-    _check_sizes(config, directory / "config.json")
+    adapter_class(config, directory).check_config(config, directory / "config.json")
     return config
-
-
-# Size fields that build tensors: a stranger's config.json must give sane integers before any module is built.
-SIZE_FIELDS = {"hidden_size", "intermediate_size", "moe_intermediate_size", "num_hidden_layers", "num_attention_heads",
-               "num_key_value_heads", "n_routed_experts", "num_experts", "num_local_experts", "num_experts_per_tok",
-               "vocab_size", "max_position_embeddings", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim",
-               "v_head_dim", "head_dim", "image_size", "patch_size", "vision_dim", "q_lora_rank",
-               "shared_expert_intermediate_size", "n_shared_experts", "first_k_dense_replace", "moe_layer_freq"}
-ZERO_OK = {"n_shared_experts", "first_k_dense_replace", "shared_expert_intermediate_size"}
-NULL_OK = {"q_lora_rank", "head_dim", "num_key_value_heads", "n_shared_experts", "shared_expert_intermediate_size",
-           "moe_layer_freq", "max_position_embeddings"}
-MAX_SIZE = 1 << 24
-
-
-def _check_sizes(config: dict, where: Path, prefix: str = "") -> None:
-    for key, value in config.items():
-        if key in SIZE_FIELDS and not (value is None and key in NULL_OK):
-            low = 0 if key in ZERO_OK else 1
-            if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= MAX_SIZE:
-                raise InputError(f"{where}: {prefix}{key} is {value!r}, expected an integer in [{low}, {MAX_SIZE}]")
-        elif isinstance(value, dict):
-            _check_sizes(value, where, f"{prefix}{key}.")
-    top_k = config.get("num_experts_per_tok")
-    for count in ("n_routed_experts", "num_experts", "num_local_experts"):
-        if isinstance(top_k, int) and isinstance(config.get(count), int) and top_k > config[count]:
-            raise InputError(f"{where}: {prefix}num_experts_per_tok is {top_k}, expected at most "
-                             f"{prefix}{count} ({config[count]}): a token cannot pick more experts than exist")
 
 
 def adapter_class(config: dict, where: Path) -> type[MoEAdapter]:
@@ -121,39 +94,18 @@ def _known_to_transformers(model_type) -> bool:
     return isinstance(model_type, str) and model_type in CONFIG_MAPPING
 
 
-def _hf_config(config: dict):
-    from transformers import AutoConfig
-
-    clean = {k: v for k, v in config.items() if k != "quantization_config"}
-    return AutoConfig.for_model(**clean)
-
-
-def skeleton(config: dict, where: Path, device: str = "meta") -> MoEAdapter:
-    """An adapter over a weightless module tree (``device="meta"``) built from ``config``."""
+def skeleton(config: dict, where: Path, device: str = "meta", dtype: torch.dtype | None = None) -> MoEAdapter:
+    """An adapter over a weightless module tree (``device="meta"``) built from ``config``; ``dtype``: the
+    parameters' dtype (None: what the config says, else float32)."""
     cls = adapter_class(config, where)
     try:
-        model = _build(cls, config, where, device)
+        with torch.device(device):
+            model = cls.build_model(config, where) if dtype is None else cls.build_model(config, where, dtype)
     except StrictDataclassError as exc:  # transformers' typed config refused a field of config.json
         raise InputError(f"{Path(where) / 'config.json'}: {' '.join(str(exc).split())[:300]}") from None
     adapter = cls(model)
     adapter.source_dir = Path(where)
     return adapter
-
-
-def _build(cls, config: dict, where: Path, device: str) -> nn.Module:
-    with torch.device(device):
-        model = cls.build_model(config, where)
-        if model is not None:
-            pass
-        elif config["model_type"] == "mopeq_demo_vlm":
-            from ..demo.model import DemoConfig, DemoVLM
-
-            model = DemoVLM(DemoConfig.from_dict(config))
-        else:
-            from transformers import AutoModelForCausalLM
-
-            model = AutoModelForCausalLM.from_config(_hf_config(config), attn_implementation="eager")
-    return model
 
 
 def open_model(path: str | Path, dtype: torch.dtype = torch.float32) -> LoadedModel:
@@ -163,17 +115,6 @@ def open_model(path: str | Path, dtype: torch.dtype = torch.float32) -> LoadedMo
     cls = adapter_class(config, directory)
     checkpoint_shards(directory)  # safetensors only (never pickle), names and headers checked before loading
     model = cls.load_model(directory, config, dtype)
-    if model is not None:
-        pass
-    elif config["model_type"] == "mopeq_demo_vlm":
-        from ..demo.model import load_demo
-
-        model = load_demo(directory, dtype)
-    else:
-        from transformers import AutoModelForCausalLM
-
-        model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, attn_implementation="eager",
-                                                     use_safetensors=True)
     model.eval()
     model_id = DEMO if str(path) == DEMO else str(config.get("_name_or_path") or directory.name)
     adapter = cls(model)

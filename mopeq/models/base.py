@@ -15,7 +15,42 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..schemas import InputError
+
 MATRICES = ("gate", "up", "down")
+
+# Size fields that build tensors: a stranger's config.json must give sane integers before any module is built.
+SIZE_FIELDS = {"hidden_size", "intermediate_size", "moe_intermediate_size", "num_hidden_layers", "num_attention_heads",
+               "num_key_value_heads", "n_routed_experts", "num_experts", "num_local_experts", "num_experts_per_tok",
+               "vocab_size", "max_position_embeddings", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim",
+               "v_head_dim", "head_dim", "image_size", "patch_size", "vision_dim", "q_lora_rank",
+               "shared_expert_intermediate_size", "n_shared_experts", "first_k_dense_replace", "moe_layer_freq"}
+ZERO_OK = {"n_shared_experts", "first_k_dense_replace", "shared_expert_intermediate_size"}
+NULL_OK = {"q_lora_rank", "head_dim", "num_key_value_heads", "n_shared_experts", "shared_expert_intermediate_size",
+           "moe_layer_freq", "max_position_embeddings"}
+MAX_SIZE = 1 << 24
+
+
+def check_sizes(config: dict, where, prefix: str = "", null_ok: frozenset = frozenset(),
+                zero_ok: frozenset = frozenset(), notes: dict[str, str] | None = None) -> None:
+    """Every size field of ``config`` (nested too) an integer in range. ``null_ok``/``zero_ok``: the family's own
+    legal nulls and zeros beside the common ones; ``notes``: what the family allows, appended per field."""
+    notes = notes or {}
+    for key, value in config.items():
+        if key in SIZE_FIELDS and not (value is None and key in NULL_OK | null_ok):
+            low = 0 if key in ZERO_OK | zero_ok else 1
+            if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= MAX_SIZE:
+                raise InputError(f"{where}: {prefix}{key} is {value!r}, expected an integer in [{low}, {MAX_SIZE}]"
+                                 f"{notes.get(key, '')}")
+        elif isinstance(value, dict):
+            check_sizes(value, where, f"{prefix}{key}.", null_ok, zero_ok, notes)
+    top_k = config.get("num_experts_per_tok")
+    for count in ("n_routed_experts", "num_experts", "num_local_experts"):
+        if isinstance(top_k, int) and isinstance(config.get(count), int) and top_k > config[count]:
+            raise InputError(f"{where}: {prefix}num_experts_per_tok is {top_k}, expected at most "
+                             f"{prefix}{count} ({config[count]}): a token cannot pick more experts than exist")
+
+
 
 
 @dataclass(frozen=True, order=True)
@@ -67,6 +102,13 @@ class MoEAdapter:
     router_attr = "gate"
     shared_attr: str | None = "shared_experts"
     disk_prefix = "model.layers"  # on-disk prefix of decoder layers
+    null_ok: frozenset = frozenset()  # size fields this family's published configs may leave null / 0
+    zero_ok: frozenset = frozenset()
+
+    @classmethod
+    def check_config(cls, config: dict, where) -> None:
+        """Refuse, in one line, a config.json this family cannot build (before anything is allocated)."""
+        check_sizes(config, where, null_ok=cls.null_ok, zero_ok=cls.zero_ok)
 
     def __init__(self, model: nn.Module):
         self.model = model
@@ -161,6 +203,10 @@ class MoEAdapter:
             return f"{prefix}.{self.shared_attr}.{matrix}_proj"
         return f"{prefix}.{self.experts_attr}.{ref.expert}.{matrix}_proj"
 
+    def memory_key(self, key: str) -> str:
+        """The in-memory tensor a checkpoint tensor feeds (its own name for families saved under module names)."""
+        return key
+
     def memory_tensors(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Checkpoint (on-disk) non-expert tensors renamed/converted to the in-memory ``state_dict``.
 
@@ -171,17 +217,25 @@ class MoEAdapter:
 
     # --- building ----------------------------------------------------------------------------------
     @classmethod
-    def build_model(cls, config: dict, where) -> nn.Module | None:
-        """A custom module tree for ``config`` (called under a ``torch.device`` context); None means
-        transformers' ``AutoModelForCausalLM.from_config``. ``where`` is the model/artifact directory."""
-        return None
+    def build_model(cls, config: dict, where, dtype: torch.dtype | None = None) -> nn.Module:
+        """The module tree for ``config`` (called under a ``torch.device`` context, ``meta`` for a skeleton);
+        ``where`` is the model/artifact directory; ``dtype``: the parameters' (None: the family's default)."""
+        raise NotImplementedError
 
     @classmethod
-    def load_model(cls, directory, config: dict, dtype: torch.dtype) -> nn.Module | None:
-        """A custom loader with real weights; None means ``AutoModelForCausalLM.from_pretrained``."""
-        return None
+    def load_model(cls, directory, config: dict, dtype: torch.dtype) -> nn.Module:
+        """The model with the checkpoint's weights, every tensor accounted for."""
+        raise NotImplementedError
 
     # --- running -----------------------------------------------------------------------------------
+    def embed_tokens(self, core: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
+        """What the decoder stack ``core`` feeds its first layer (the layer-streamed profiler's entry)."""
+        return core.embed_tokens(input_ids) * float(getattr(self.language_config(), "embedding_multiplier", 1.0))
+
+    def head_logits(self, head: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits from the final-normed hidden states (GraniteMoe divides them by ``logits_scaling``)."""
+        return head(hidden) / float(getattr(self.language_config(), "logits_scaling", 1.0))
+
     def forward(self, batch: dict) -> torch.Tensor:
         """Logits for one calibration batch ``{"input_ids": [B, T], ...}``."""
         return self.model(input_ids=batch["input_ids"], use_cache=False).logits

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import torch
 
-from .base import LanguageAdapter, MoEAdapter
+from .base import LanguageAdapter
+from .hf import TransformersAdapter
 
 
-class DeepseekAdapter(MoEAdapter):
+class DeepseekAdapter(TransformersAdapter):
     """``DeepseekV2ForCausalLM`` / ``DeepseekV3ForCausalLM``: fused experts, ``mlp.gate`` router, ``mlp.shared_experts``."""
 
     family = "deepseek_v2"
@@ -17,6 +18,18 @@ class DemoAdapter(LanguageAdapter):
     """The demo VLM: a DeepseekV2 language model under ``language.``, fed images through ``vision``/``projector``."""
 
     family = "mopeq_demo_vlm"
+
+    @classmethod
+    def build_model(cls, config: dict, where, dtype: torch.dtype | None = None):
+        from ..demo.model import DemoConfig, DemoVLM
+
+        return DemoVLM(DemoConfig.from_dict(config))
+
+    @classmethod
+    def load_model(cls, directory, config: dict, dtype: torch.dtype):
+        from ..demo.model import load_demo
+
+        return load_demo(directory, dtype)
 
     def forward(self, batch: dict) -> torch.Tensor:
         return self.model(batch["input_ids"], batch.get("images")).logits

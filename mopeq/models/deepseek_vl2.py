@@ -62,7 +62,7 @@ import torch
 from torch import nn
 
 from ..schemas import InputError
-from .base import LanguageAdapter
+from .base import LanguageAdapter, check_sizes
 from .checkpoint import TextOnlyWrapper, attach_frozen, fuse_experts, header, load_into, read_state
 from .deepseek_vl2_vision import build_vision, check_checkpoint, image_embeds, vision_settings, vision_to_memory
 
@@ -79,6 +79,10 @@ SOURCE_DEFAULTS = {"num_hidden_layers": 30, "num_attention_heads": 32, "kv_lora_
                    "scoring_func": "softmax", "routed_scaling_factor": 1.0, "moe_layer_freq": 1,
                    "bos_token_id": 100000, "eos_token_id": 100001}
 TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
+# Compressed-KV sizes a plain-attention checkpoint leaves null / 0 (deepseek-vl2-tiny: use_mla false,
+# kv_lora_rank null, qk/v head dims 0): legal there, and only there.
+MLA_SIZES = frozenset({"kv_lora_rank", "q_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"})
+MLA_NOTE = " (null or 0 is allowed only with language_config.use_mla false, as in deepseek-vl2-tiny)"
 
 
 def language_config(config: dict, where: Path):
@@ -261,7 +265,14 @@ class DeepseekVL2Adapter(LanguageAdapter):
     image_keys = ("images", "images_seq_mask", "images_spatial_crop")
 
     @classmethod
-    def build_model(cls, config: dict, where) -> nn.Module:
+    def check_config(cls, config: dict, where) -> None:
+        lang = config.get("language_config")
+        mha = isinstance(lang, dict) and lang.get("use_mla") is False
+        legal = MLA_SIZES if mha else frozenset()
+        check_sizes(config, where, null_ok=legal, zero_ok=legal, notes={} if mha else dict.fromkeys(MLA_SIZES, MLA_NOTE))
+
+    @classmethod
+    def build_model(cls, config: dict, where, dtype: torch.dtype | None = None) -> nn.Module:
         where = Path(where)
         tensors = header(where) if where.is_dir() else {}
         use_mla = bool(config.get("language_config", {}).get("use_mla", True))

@@ -14,8 +14,7 @@ from __future__ import annotations
 from torch import nn
 
 from ..schemas import InputError
-from .base import DiskTensor, ExpertRef, MoEAdapter
-from .mixtral import DISK_MATRIX
+from .hf import TransformersAdapter
 
 ROUTER_NAMES = ("gate", "router")
 SHARED_NAMES = ("shared_experts", "shared_expert")
@@ -62,7 +61,7 @@ def _refuse_expert_list(module: nn.Module, where: str) -> None:
                          f"[E, 2I, H] expert parameters (write an adapter for this family)")
 
 
-class GenericAdapter(MoEAdapter):
+class GenericAdapter(TransformersAdapter):
     """Detects the MoE layout of an unregistered transformers family (see the module docstring)."""
 
     family = "generic"
@@ -95,52 +94,3 @@ class GenericAdapter(MoEAdapter):
     def language_config(self):
         cfg = self.model.config
         return getattr(cfg, "text_config", None) or cfg
-
-    def disk_tensors(self, ref: ExpertRef, keys: set[str]) -> dict[str, DiskTensor]:
-        """The base layouts, or Mixtral-style names on disk (``block_sparse_moe.experts.{j}.w1|w3|w2``)."""
-        legacy = f"{self.disk_prefix}.{ref.layer}.block_sparse_moe.experts.{ref.expert}"
-        if not ref.shared and f"{legacy}.w1.weight" in keys:
-            return {m: DiskTensor(f"{legacy}.{w}.weight") for m, w in DISK_MATRIX.items()}
-        return super().disk_tensors(ref, keys)
-
-    def memory_tensors(self, tensors: dict) -> dict:
-        """Checkpoint names -> module names with transformers' own renamings for this family."""
-        renamings = checkpoint_renamings(self.family)
-        if not renamings:
-            return tensors
-        from transformers.core_model_loading import rename_source_key
-
-        return {rename_source_key(k, renamings, [])[0]: v for k, v in tensors.items()}
-
-
-def checkpoint_renamings(model_type: str) -> list:
-    """The ``WeightRenaming`` steps transformers applies when loading ``model_type`` checkpoints."""
-    from transformers.conversion_mapping import _MODEL_TO_CONVERSION_PATTERN, get_checkpoint_conversion_mapping
-    from transformers.core_model_loading import WeightRenaming
-
-    mapping = get_checkpoint_conversion_mapping(_MODEL_TO_CONVERSION_PATTERN.get(model_type, model_type)) or []
-    return [t for t in mapping if isinstance(t, WeightRenaming)]
-
-    @classmethod
-    def build_model(cls, config: dict, where):
-        from transformers import AutoModelForCausalLM
-
-        from . import _hf_config
-
-        return _auto(lambda: AutoModelForCausalLM.from_config(_hf_config(config), attn_implementation="eager"),
-                     config, where)
-
-    @classmethod
-    def load_model(cls, directory, config: dict, dtype):
-        from transformers import AutoModelForCausalLM
-
-        return _auto(lambda: AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, attn_implementation="eager"),
-                     config, directory)
-
-
-def _auto(build, config: dict, where):
-    try:
-        return build()
-    except (ValueError, KeyError, TypeError) as exc:  # transformers: no causal-LM class for this config
-        raise InputError(f"{where}: model_type {config.get('model_type')!r} has no transformers causal-LM class "
-                         f"mopeq can build ({str(exc).splitlines()[0][:160]})") from None

@@ -15,14 +15,6 @@ import torch
 from .base import DiskTensor
 
 
-def fused(prefix: str, expert: int, inter: int, transposed: bool = False) -> dict[str, DiskTensor]:
-    """``{prefix}.gate_up_proj`` / ``{prefix}.down_proj``, in-memory or transposed orientation."""
-    gate_up, down = f"{prefix}.gate_up_proj", f"{prefix}.down_proj"
-    return {"gate": DiskTensor(gate_up, expert, (0, inter), transposed),
-            "up": DiskTensor(gate_up, expert, (inter, 2 * inter), transposed),
-            "down": DiskTensor(down, expert, None, transposed)}
-
-
 @dataclass(frozen=True)
 class RowBlock(DiskTensor):
     """Rows ``rows`` of a 2-D stack, transposed *after* slicing (``DiskTensor`` transposes first)."""

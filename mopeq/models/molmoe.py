@@ -311,7 +311,7 @@ class MolmoeAdapter(LanguageAdapter):
 
     # --- building --------------------------------------------------------------------------------
     @classmethod
-    def build_model(cls, config: dict, where) -> nn.Module:
+    def build_model(cls, config: dict, where, dtype: torch.dtype | None = None) -> nn.Module:
         where = Path(where)
         tensors = header(where) if where.is_dir() else {}
         config = normalise(config, tensors)

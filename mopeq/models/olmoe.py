@@ -4,9 +4,9 @@
 
 from __future__ import annotations
 
-from .base import MoEAdapter
+from .hf import TransformersAdapter
 
 
-class OlmoeAdapter(MoEAdapter):
+class OlmoeAdapter(TransformersAdapter):
     family = "olmoe"
     shared_attr = None

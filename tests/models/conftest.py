@@ -99,29 +99,39 @@ def build_qwen3_vl(directory: Path, hub_layout: bool) -> Path:
     return directory
 
 
-def build_deepseek_vl2(directory: Path, use_mla: bool = True) -> Path:
-    """DeepSeek-VL2 layout: ``language.`` + per-expert tensors, plus vision/projector tensors kept as-is."""
-    from transformers import DeepseekV2Config, DeepseekV2ForCausalLM
+def build_deepseek_vl2(directory: Path, use_mla: bool = True, config: dict | None = None) -> Path:
+    """DeepSeek-VL2 layout: ``language.`` + per-expert tensors, plus vision/projector tensors kept as-is.
+    ``config``: a whole ``deepseek_vl_v2`` config.json (e.g. a published one shrunk) instead of the fixture's."""
+    from mopeq.models.deepseek_vl2 import language_config
 
     torch.manual_seed(0)
-    lang = dict(VL2_LANGUAGE, use_mla=use_mla)
-    cfg_kwargs = {k: v for k, v in lang.items() if k not in ("model_type", "use_mla")}
-    model = DeepseekV2ForCausalLM(DeepseekV2Config(**cfg_kwargs))
+    if config is None:
+        config = {"model_type": "deepseek_vl_v2", "architectures": ["DeepseekVLV2ForCausalLM"],
+                  "language_config": dict(VL2_LANGUAGE, use_mla=use_mla), "vision_config": dict(VL2_VISION),
+                  "projector_config": dict(VL2_PROJECTOR), "tile_tag": "2D", "global_view_pos": "head",
+                  "candidate_resolutions": VL2_RESOLUTIONS}
+    lang = config["language_config"]
+    use_mla = lang.get("use_mla", True)
+    from transformers import DeepseekV2ForCausalLM
+
+    model = DeepseekV2ForCausalLM(language_config(config, directory))
     _randomize_routers(model)
     state = {f"language.{k}": v for k, v in _split_experts(model.state_dict()).items()}
     if not use_mla:
         state = {k: v for k, v in state.items() if ".self_attn." not in k}
-        gen = torch.Generator().manual_seed(1)
+        gen, h = torch.Generator().manual_seed(1), lang["hidden_size"]
         for i in range(lang["num_hidden_layers"]):
             for p in ("q_proj", "k_proj", "v_proj", "o_proj"):
-                state[f"language.model.layers.{i}.self_attn.{p}.weight"] = torch.randn(32, 32, generator=gen) * 0.1
-    state.update(vl2_vision_weights())
+                state[f"language.model.layers.{i}.self_attn.{p}.weight"] = torch.randn(h, h, generator=gen) * 0.1
+    if lang.get("topk_method") == "noaux_tc":  # the public router's per-expert score bias
+        gen = torch.Generator().manual_seed(4)
+        for i in range(lang.get("first_k_dense_replace", 0), lang["num_hidden_layers"]):
+            state[f"language.model.layers.{i}.mlp.gate.e_score_correction_bias"] = \
+                torch.randn(lang["n_routed_experts"], generator=gen) * 0.1
+    state.update(vl2_vision_weights(vision=config["vision_config"], projector=config["projector_config"]))
     directory.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in state.items()}, str(directory / "model.safetensors"),
               metadata={"format": "pt"})
-    config = {"model_type": "deepseek_vl_v2", "architectures": ["DeepseekVLV2ForCausalLM"],
-              "language_config": lang, "vision_config": dict(VL2_VISION), "projector_config": dict(VL2_PROJECTOR),
-              "tile_tag": "2D", "global_view_pos": "head", "candidate_resolutions": VL2_RESOLUTIONS}
     (directory / "config.json").write_text(json.dumps(config, indent=1))
     save_tokenizer(directory, extra_tokens=("<image>",))
     return directory
@@ -136,11 +146,11 @@ VL2_PROJECTOR = {"projector_type": "downsample_mlp_gelu", "input_dim": 16, "n_em
 VL2_RESOLUTIONS = [[16, 16], [16, 32], [32, 16], [32, 32]]
 
 
-def vl2_vision_weights(seed: int = 2) -> dict:
+def vl2_vision_weights(seed: int = 2, vision: dict = VL2_VISION, projector: dict = VL2_PROJECTOR) -> dict:
     """Every ``vision.*`` / ``projector.*`` tensor of VL2's image path (``attn_pool`` included, never run)."""
     gen = torch.Generator().manual_seed(seed)
-    w, f, p, n = VL2_VISION["width"], int(VL2_VISION["width"] * VL2_VISION["mlp_ratio"]), VL2_VISION["patch_size"], 16
-    d = VL2_PROJECTOR["n_embed"]
+    w, f, p = vision["width"], int(vision["width"] * vision["mlp_ratio"]), vision["patch_size"]
+    n, d = (vision["image_size"] // p) ** 2, projector["n_embed"]
     r = lambda *s, scale=0.3: torch.randn(*s, generator=gen) * scale  # noqa: E731
     out = {"vision.patch_embed.proj.weight": r(w, 3, p, p), "vision.patch_embed.proj.bias": r(w),
            "vision.pos_embed": r(1, n, w), "vision.norm.weight": 1 + r(w, scale=0.1), "vision.norm.bias": r(w),
@@ -153,7 +163,7 @@ def vl2_vision_weights(seed: int = 2) -> dict:
            "projector.layers.0.weight": r(d, 4 * w), "projector.layers.0.bias": r(d),
            "projector.layers.2.weight": r(d, d), "projector.layers.2.bias": r(d),
            "image_newline": r(d, scale=1.0), "view_seperator": r(d, scale=1.0)}
-    for i in range(VL2_VISION["layers"]):
+    for i in range(vision["layers"]):
         b = f"vision.blocks.{i}."
         out.update({b + "norm1.weight": 1 + r(w, scale=0.1), b + "norm1.bias": r(w), b + "attn.qkv.weight": r(3 * w, w),
                     b + "attn.qkv.bias": r(3 * w), b + "attn.proj.weight": r(w, w), b + "attn.proj.bias": r(w),
@@ -263,10 +273,10 @@ def molmoe_vision_weights(seed: int = 2) -> dict:
     return out
 
 
-def molmoe_weights(seed: int = 0) -> dict:
+def molmoe_weights(seed: int = 0, experts: int | None = None) -> dict:
     """Reference MolmoE LM weights in OLMo's own (megablocks) names, before any layout is chosen."""
     gen = torch.Generator().manual_seed(seed)
-    c, e, inter = MOLMOE_CONFIG, MOLMOE_CONFIG["moe_num_experts"], MOLMOE_CONFIG["d_model"] // 2
+    c, e, inter = MOLMOE_CONFIG, experts or MOLMOE_CONFIG["moe_num_experts"], MOLMOE_CONFIG["d_model"] // 2
     d = c["d_model"]
     r = lambda *s, scale=0.2: torch.randn(*s, generator=gen) * scale  # noqa: E731
     w = {"model.transformer.wte.embedding": r(c["embedding_size"], d, scale=1.0),
@@ -283,9 +293,9 @@ def molmoe_weights(seed: int = 0) -> dict:
     return w
 
 
-def hf_layout(w: dict) -> dict:
+def hf_layout(w: dict, experts: int | None = None) -> dict:
     """The remote-code layout (``blocks.{i}.attn.*``, ``blocks.{i}.mlp.experts.{j}.*_proj.weight``, ``lm_head``)."""
-    out, e = {}, MOLMOE_CONFIG["moe_num_experts"]
+    out, e = {}, experts or MOLMOE_CONFIG["moe_num_experts"]
     for key, value in w.items():
         if key == "model.transformer.ff_out.weight":
             out["lm_head.weight"] = value
@@ -307,17 +317,18 @@ def hf_layout(w: dict) -> dict:
 
 
 def build_molmoe(directory: Path, megablocks: bool = True, rope_impl: str | None = None,
-                 hf_config: bool = False, vision: bool = True) -> Path:
-    """A tiny MolmoE directory; ``hf_config`` writes the published (HF-key, ``molmoe``) config.json dialect;
+                 hf_config: bool = False, vision: bool = True, config: dict | None = None, experts: int | None = None) -> Path:
+    """A tiny MolmoE directory; ``hf_config`` writes the published (HF-key, ``molmoe``) config.json dialect
+    (``config``: that dialect's dict itself, e.g. the published file shrunk, with ``experts`` routed experts);
     ``vision`` adds the tiny vision backbone (``molmoe_vision_weights``)."""
-    w = molmoe_weights()
-    state = w if megablocks else hf_layout(w)
+    w = molmoe_weights(experts=experts)
+    state = w if megablocks else hf_layout(w, experts)
     if vision:
         state.update(molmoe_vision_weights())
     directory.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in state.items()}, str(directory / "model.safetensors"),
               metadata={"format": "pt"})
-    config = dict(MOLMOE_HF_CONFIG if hf_config else MOLMOE_CONFIG)
+    config = dict(config or (MOLMOE_HF_CONFIG if hf_config else MOLMOE_CONFIG))
     if rope_impl is not None:
         config["rope_impl"] = rope_impl
     (directory / "config.json").write_text(json.dumps(config, indent=1))

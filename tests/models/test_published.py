@@ -1,0 +1,111 @@
+"""Every advertised family from its real published config.json (shrunk only in sizes): profile in memory
+and layer-streamed (equal), plan, compile, load the artifact, and 8-bit logits >= 25 dB SNR."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from mopeq.compiler.artifact import compile_artifact
+from mopeq.models import open_model, read_config
+from mopeq.planner import load_spec, make_plan
+from mopeq.profiler.calibration import summary
+from mopeq.profiler.profile import profile_model
+from mopeq.profiler.stream import profile_streamed
+from mopeq.runtime.load import load
+from mopeq.schemas import InputError
+
+from .published import FILES, build, published, shrink
+from .test_families import SPEC, snr_db
+
+# name -> the adapter family it must open as
+FAMILY = {"deepseek-vl2-tiny": "deepseek_vl_v2", "deepseek-vl2-small": "deepseek_vl_v2", "deepseek-vl2": "deepseek_vl_v2",
+          "molmoe-1b": "molmo", "mixtral-8x7b": "mixtral", "qwen1.5-moe-a2.7b": "qwen2_moe",
+          "qwen3-30b-a3b": "qwen3_moe", "olmoe-1b-7b": "olmoe", "deepseek-v2-lite": "deepseek_v2",
+          "deepseek-v3": "deepseek_v2", "qwen3-vl-30b-a3b": "qwen3_vl_moe", "granite-3.0-1b-a400m": "granitemoe",
+          "ernie-4.5-21b-a3b": "ernie4_5_moe", "phi-3.5-moe": "phimoe"}
+STREAMED = set(FAMILY) - {"molmoe-1b"}  # MolmoE's fused attention is split on load: profiled in memory only
+
+
+def batches(seed: int = 0) -> list[dict]:
+    gen = torch.Generator().manual_seed(seed)
+    return [{"input_ids": torch.randint(3, 40, (1, 12), generator=gen), "modality": "text"} for _ in range(2)]
+
+
+def test_every_family_has_a_published_config():
+    assert set(FILES) == set(FAMILY)
+
+
+@pytest.mark.parametrize("name", sorted(FAMILY))
+def test_published_config_chain(name, tmp_path):
+    directory = build(name, tmp_path / "model")
+    loaded = open_model(directory)
+    calib = batches()
+    info = summary(calib, "random")
+    profile = profile_model(loaded, calib, info, bits=(8,), group_size=16, progress=False)
+    assert profile.meta.family == FAMILY[name]
+    routed = [e for e in profile.experts if not e.shared]
+    assert routed and sum(e.tokens for e in routed) > 0
+    if name in STREAMED:
+        streamed, _ = profile_streamed(directory, calib, info, bits=(8,), group_size=16)
+        assert [(e.id, e.tokens) for e in streamed.experts] == [(e.id, e.tokens) for e in profile.experts]
+        for a, b in zip(profile.experts, streamed.experts):
+            assert b.perturbation["8"] == pytest.approx(a.perturbation["8"], rel=1e-5)
+
+    (tmp_path / "spec.yaml").write_text(SPEC.replace("group_size: 32", "group_size: 16"))
+    artifact = compile_artifact(directory, make_plan(load_spec(tmp_path / "spec.yaml"), profile),
+                                tmp_path / "artifact", progress=False)
+    quantized = load(artifact)
+    ids = batches(seed=1)[0]["input_ids"]
+    with torch.no_grad():
+        ref = loaded.adapter.forward({"input_ids": ids})
+        out = quantized.adapter.forward({"input_ids": ids})
+    assert snr_db(ref, out) >= 25
+
+
+def test_shrink_keeps_every_published_key():
+    for name in FAMILY:
+        config = published(name)
+        assert set(shrink(config)) == set(config)
+
+
+def test_vl2_tiny_published_nulls_accepted_and_refused_with_mla(tmp_path):
+    """use_mla false makes kv_lora_rank null legal; the same null with MLA is refused in one line."""
+    config = published("deepseek-vl2-tiny")
+    assert config["language_config"]["kv_lora_rank"] is None and config["language_config"]["use_mla"] is False
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    read_config(tmp_path)
+    config["language_config"]["use_mla"] = True
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(InputError, match=r"language_config.kv_lora_rank is None.*only with language_config.use_mla false"):
+        read_config(tmp_path)
+
+
+def test_sharded_index_without_metadata_loads(tmp_path):
+    """An index with only a weight_map (no "metadata") opens like any other checkpoint."""
+    directory = build("mixtral-8x7b", tmp_path / "m")
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(str(directory / "model.safetensors"))
+    keys = sorted(state)
+    half = len(keys) // 2
+    shards = {"a.safetensors": keys[:half], "b.safetensors": keys[half:]}
+    for shard, names in shards.items():
+        save_file({k: state[k] for k in names}, str(directory / shard), metadata={"format": "pt"})
+    (directory / "model.safetensors").unlink()
+    weight_map = {k: shard for shard, names in shards.items() for k in names}
+    (directory / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    assert open_model(directory).adapter.family == "mixtral"
+
+
+def test_config_that_does_not_match_the_checkpoint_is_refused(tmp_path):
+    """Extra layers in config.json would be initialised at random: refused, naming the tensors."""
+    directory = build("olmoe-1b-7b", tmp_path / "m")
+    config = json.loads((directory / "config.json").read_text())
+    config["num_hidden_layers"] += 1
+    (directory / "config.json").write_text(json.dumps(config))
+    with pytest.raises(InputError, match=r"missing from the checkpoint \(it would be initialised at random\): "
+                                         r"model\.layers\.2\."):
+        open_model(directory)
