@@ -48,6 +48,7 @@ class KeyMap:
         self.prefix = getattr(model, "base_model_prefix", None) or None
         self.expected = {k: None for k in model.state_dict()} if self.prefix else None
         self._cache: dict[str, tuple[str, str | None]] = {}
+        self._sources: tuple[frozenset, dict[str, list[str]]] | None = None
 
     def _rename(self, key: str) -> tuple[str, str | None]:
         """``(memory key, matched converter source pattern or None)``."""
@@ -65,10 +66,13 @@ class KeyMap:
         """memory key -> the disk keys it is made of (sorted the way transformers stacks them)."""
         from transformers.core_model_loading import dot_natural_key
 
-        out: dict[str, list[str]] = defaultdict(list)
-        for key in sorted(disk_keys, key=dot_natural_key):
-            out[self.memory_key(key)].append(key)
-        return out
+        keys = frozenset(disk_keys)
+        if self._sources is None or self._sources[0] != keys:
+            out: dict[str, list[str]] = defaultdict(list)
+            for key in sorted(keys, key=dot_natural_key):
+                out[self.memory_key(key)].append(key)
+            self._sources = (keys, dict(out))
+        return self._sources[1]
 
     def convert(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Disk-named tensors -> memory-named tensors with transformers' operations (one group at a time)."""

@@ -61,7 +61,7 @@ def shrink(config: dict, layers: int = 2) -> dict:
     for key in TOP_K:
         if config.get(key) and counts:
             out[key] = min(config[key], out[counts[0]] // 2)
-    if "num_hidden_layers" in config:
+    if "num_hidden_layers" in config or "vision_config" not in config:  # absent: the family's default depth
         dense = 1 if config.get("first_k_dense_replace") else 0
         out["num_hidden_layers"] = layers + dense
         if dense:
