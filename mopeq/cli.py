@@ -150,16 +150,17 @@ def cmd_profile(args) -> None:
     sources = parse_sources(args.curvature)
     directory = resolve_dir(args.model)
     config = read_config(directory)
-    skeleton(config, directory).experts()  # an unsupported architecture fails here, before any data is read
-    calib = args.calib or (DEMO if config["model_type"] == "mopeq_demo_vlm" else None)
+    adapter = skeleton(config, directory)
+    adapter.experts()  # an unsupported architecture fails here, before any data is read
+    calib = args.calib or (DEMO if adapter.is_demo else None)
     if calib is None:
         raise InputError("--calib: required for this model (a .txt or .jsonl file)")
     if calib == DEMO:
-        if config["model_type"] != "mopeq_demo_vlm":
+        if not adapter.is_demo:
             raise InputError("--calib demo: only for the demo model")
         batches = demo_batches(config)
     elif Path(calib).is_dir():
-        tokenizer = None if config["model_type"] == "mopeq_demo_vlm" else _tokenizer(directory)
+        tokenizer = None if adapter.is_demo else _tokenizer(directory)
         batches = image_folder_batches(Path(calib), config, tokenizer=tokenizer, directory=directory)
     else:
         batches = text_file_batches(Path(calib), _tokenizer(directory))
@@ -263,7 +264,7 @@ def _collect_grams(args, path: Path) -> Path:
 
     loaded = open_model(args.model)
     if args.calib == DEMO:
-        if loaded.config["model_type"] != "mopeq_demo_vlm":
+        if not loaded.adapter.is_demo:
             raise InputError("--calib demo: only for the demo model")
         batches = demo_batches(loaded.config)
     else:
@@ -286,7 +287,7 @@ def _open_any(path: str):
 
 def cmd_run(args) -> None:
     loaded = _open_any(args.artifact)
-    if loaded.config["model_type"] == "mopeq_demo_vlm":
+    if loaded.adapter.is_demo:
         print(loaded.model.answer(_demo_image(args.image), [args.prompt])[0])
         return
     tok = _tokenizer(loaded.directory)
@@ -332,7 +333,7 @@ def cmd_eval(args) -> None:
     from . import evaluate
 
     loaded = _open_any(args.model)
-    is_demo = loaded.config["model_type"] == "mopeq_demo_vlm"
+    is_demo = loaded.adapter.is_demo
     if args.task == "demo" and not is_demo:
         raise InputError("--task demo: only for the demo VLM or its artifacts (its digit set); other models: "
                          "--task perplexity, fidelity, or vqa (DeepSeek-VL2, MolmoE)")
@@ -341,9 +342,7 @@ def cmd_eval(args) -> None:
     elif args.task == "vqa":
         if args.data is None:
             raise InputError("--data: required for --task vqa (a JSONL file)")
-        from .vlm import FAMILIES
-
-        if not is_demo and loaded.config["model_type"] not in FAMILIES:
+        if not loaded.adapter.takes_images:
             raise InputError(f"--task vqa: model_type {loaded.config['model_type']!r} takes no images "
                              "(vqa: demo VLM, DeepSeek-VL2, MolmoE)")
         result = evaluate.vqa_file(loaded, args.data, progress=True,

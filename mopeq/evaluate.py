@@ -73,7 +73,7 @@ def vqa_file(loaded, path, progress: bool = False, tokenizer=None) -> dict:
 
     records = read_qa_jsonl(path)
     folder = Path(path).parent
-    if loaded.config["model_type"] != "mopeq_demo_vlm":
+    if not loaded.adapter.is_demo:
         return _vqa_vlm(loaded, records, folder, tokenizer, progress)
     correct = []
     for where, rec in tqdm(records, desc="vqa", unit="question", disable=not progress):

@@ -9,25 +9,11 @@ from __future__ import annotations
 
 import torch
 
-from .schemas import InputError
-
-FAMILIES = ("deepseek_vl_v2", "molmo", "molmoe")
-
 
 def image_inputs(loaded, tokenizer, prompt: str, image) -> dict:
-    """Inputs for one PIL ``image`` and ``prompt`` on ``loaded`` (an opened model or a loaded artifact)."""
-    model_type = loaded.config["model_type"]
-    if model_type not in FAMILIES:
-        raise InputError(f"images: model_type {model_type!r} runs text only (images: demo VLM, DeepSeek-VL2, MolmoE)")
-    if model_type == "deepseek_vl_v2":
-        from .models.deepseek_vl2_vision import encode
-
-        return encode(f"<image>\n{prompt}", [image], tokenizer, loaded.config)
-    vision = getattr(getattr(loaded.model, "model", None), "vision_backbone", None)
-    if vision is None:
-        raise InputError(f"images: {loaded.directory} has no model.vision_backbone.* tensors (runs text only)")
-    # the normalised config of the build (e.g. additional_vocab_size from the tensors)
-    return molmo_inputs(loaded.model.source_config, vision.geometry, tokenizer, image, f" User: {prompt} Assistant:")
+    """Inputs for one PIL ``image`` and ``prompt`` on ``loaded`` (an opened model or a loaded artifact), built
+    by its adapter (``MoEAdapter.image_inputs``)."""
+    return loaded.adapter.image_inputs(loaded.config, tokenizer, prompt, image)
 
 
 def molmo_inputs(config: dict, geometry, tokenizer, image, text: str) -> dict:

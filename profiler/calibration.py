@@ -107,21 +107,20 @@ def image_folder_batches(folder: Path, config: dict, batch: int = 16, tokenizer=
     Each line: ``{"image": "relative/path", "question": "...", "answer": "..."}``. Demo: 8x8 ``.npy``
     arrays with values in [0, 1], or PNGs (converted to grey, resized to 8x8, scaled to [0, 1]).
     DeepSeek-VL2 and MolmoE (need ``tokenizer``; MolmoE also the model ``directory``): any RGB image PIL
-    reads, tiled by the model's own processor (``vl2_batches``, ``molmo_batches``).
+    reads, tiled by the model's own processor (``vl2_batches``, ``molmo_batches``). The model's adapter
+    picks the builder (``MoEAdapter.image_batches``).
     """
+    from ..models import adapter_class
+
+    folder = Path(folder)
+    return adapter_class(config, folder).image_batches(folder, config, tokenizer, directory, batch)
+
+
+def demo_image_batches(folder: Path, config: dict, batch: int = 16) -> list[dict]:
+    """Demo VLM batches of ``batch`` questions: 8x8 images, the demo's own prompt and answer tokens."""
     from ..demo.data import vqa_batch
     from ..demo.model import DemoConfig
 
-    folder = Path(folder)
-    if config.get("model_type") == "deepseek_vl_v2":
-        return vl2_batches(folder, config, tokenizer)
-    if config.get("model_type") in ("molmo", "molmoe"):
-        if directory is None:
-            raise InputError(f"{folder}: MolmoE image calibration needs the model directory (its vision geometry)")
-        return molmo_batches(folder, config, tokenizer, Path(directory))
-    if config.get("model_type") != "mopeq_demo_vlm":
-        raise InputError(f"{folder}: image calibration folders are supported for the demo VLM, DeepSeek-VL2 and "
-                         f"MolmoE, not model_type {config.get('model_type')!r}")
     records = _image_records(folder)
     images = torch.stack([load_image(folder / r["image"], where) for where, r in records])
     ids, labels, imgs = vqa_batch(DemoConfig.from_dict(config), images, [r["question"] for _, r in records],

@@ -66,10 +66,8 @@ class LayerStreamer:
         self.directory = resolve_dir(path)
         self.config = read_config(self.directory)
         self.adapter = skeleton(self.config, self.directory, device="meta", dtype=torch.float32)  # as profiled in memory
-        if self.adapter.family == "molmo":  # OLMo names (fused att_proj, stacked experts) are converted on load
-            raise InputError(f"{self.directory}: layer-streamed profiling does not read MolmoE checkpoints (their "
-                             f"tensors are renamed and split when loaded); profile in memory (drop --resume / "
-                             f"raise --max-memory)")
+        if self.adapter.stream_refusal is not None:
+            raise InputError(f"{self.directory}: {self.adapter.stream_refusal}")
         self.model = self.adapter.model.eval()
         self.reader = CheckpointReader(self.directory)
         self.stats = StreamStats()

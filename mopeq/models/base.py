@@ -11,6 +11,7 @@ storage orientation.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -104,6 +105,10 @@ class MoEAdapter:
     disk_prefix = "model.layers"  # on-disk prefix of decoder layers
     null_ok: frozenset = frozenset()  # size fields this family's published configs may leave null / 0
     zero_ok: frozenset = frozenset()
+    is_demo = False  # the built-in demo VLM: its own calibration set and digit task, byte tokens (no tokenizer)
+    takes_images = False  # image inputs: calibration folders, `run --image`, `eval --task vqa`
+    stream_refusal: str | None = None  # why layer-streamed profiling cannot read this family's checkpoints
+    source_dir: Path | None = None  # the model/artifact directory (set by ``open_model`` / ``skeleton``)
 
     @classmethod
     def check_config(cls, config: dict, where) -> None:
@@ -132,6 +137,10 @@ class MoEAdapter:
 
     def num_experts(self, layer: int) -> int:
         return self.experts_module(layer).gate_up_proj.shape[0]
+
+    def unbuilt_params(self) -> int:
+        """Parameters the real model has that this module tree does not build (0: it builds them all)."""
+        return 0
 
     def top_k(self) -> int:
         cfg = self.language_config()
@@ -226,6 +235,19 @@ class MoEAdapter:
     def load_model(cls, directory, config: dict, dtype: torch.dtype) -> nn.Module:
         """The model with the checkpoint's weights, every tensor accounted for."""
         raise NotImplementedError
+
+    # --- inputs ------------------------------------------------------------------------------------
+    @classmethod
+    def image_batches(cls, folder, config: dict, tokenizer, directory, batch: int) -> list[dict]:
+        """Calibration batches from an image folder (``profiler.calibration.image_folder_batches``); ``directory``:
+        the model directory, ``tokenizer`` its tokenizer (None for the demo)."""
+        raise InputError(f"{folder}: image calibration folders are supported for the demo VLM, DeepSeek-VL2 and "
+                         f"MolmoE, not model_type {config.get('model_type')!r}")
+
+    def image_inputs(self, config: dict, tokenizer, prompt: str, image) -> dict:
+        """What ``model(**inputs)`` / ``model.generate(**inputs)`` take for one PIL ``image`` and ``prompt``."""
+        raise InputError(f"images: model_type {config['model_type']!r} runs text only "
+                         "(images: demo VLM, DeepSeek-VL2, MolmoE)")
 
     # --- running -----------------------------------------------------------------------------------
     def embed_tokens(self, core: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:

@@ -18,6 +18,14 @@ class DemoAdapter(LanguageAdapter):
     """The demo VLM: a DeepseekV2 language model under ``language.``, fed images through ``vision``/``projector``."""
 
     family = "mopeq_demo_vlm"
+    is_demo = True
+    takes_images = True
+
+    @classmethod
+    def image_batches(cls, folder, config: dict, tokenizer, directory, batch: int) -> list[dict]:
+        from ..profiler.calibration import demo_image_batches
+
+        return demo_image_batches(folder, config, batch)
 
     @classmethod
     def build_model(cls, config: dict, where, dtype: torch.dtype | None = None):

@@ -64,7 +64,8 @@ from torch import nn
 from ..schemas import InputError
 from .base import LanguageAdapter, check_sizes
 from .checkpoint import TextOnlyWrapper, attach_frozen, fuse_experts, header, load_into, read_state
-from .deepseek_vl2_vision import build_vision, check_checkpoint, image_embeds, vision_settings, vision_to_memory
+from .deepseek_vl2_vision import (build_vision, check_checkpoint, encode, image_embeds, vision_settings,
+                                  vision_to_memory)
 
 LANGUAGE = "language."
 # DeepSeek-VL2 config keys that transformers' DeepseekV2Config does not take (or that we set ourselves).
@@ -263,6 +264,16 @@ class DeepseekVL2Adapter(LanguageAdapter):
 
     family = "deepseek_vl_v2"
     image_keys = ("images", "images_seq_mask", "images_spatial_crop")
+    takes_images = True
+
+    @classmethod
+    def image_batches(cls, folder, config: dict, tokenizer, directory, batch: int) -> list[dict]:
+        from ..profiler.calibration import vl2_batches
+
+        return vl2_batches(folder, config, tokenizer)
+
+    def image_inputs(self, config: dict, tokenizer, prompt: str, image) -> dict:
+        return encode(f"<image>\n{prompt}", [image], tokenizer, config)
 
     @classmethod
     def check_config(cls, config: dict, where) -> None:

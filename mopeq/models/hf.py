@@ -111,6 +111,11 @@ class TransformersAdapter(MoEAdapter):
 
         from ..safety import checkpoint_shards
 
+        quantized = config.get("quantization_config")
+        if quantized:  # e.g. DeepSeek-V3's published fp8 weights with block scales
+            method = quantized.get("quant_method") if isinstance(quantized, dict) else quantized
+            raise InputError(f"{Path(directory) / 'config.json'}: quantization_config.quant_method {method!r}: mopeq "
+                             f"quantizes unquantized checkpoints (bf16/fp16/fp32); dequantize this one first")
         shards = checkpoint_shards(Path(directory))
         handles = {path: safe_open(str(path), "pt") for path in set(shards.values())}
         state = {key: handles[path].get_slice(key) for key, path in shards.items()}

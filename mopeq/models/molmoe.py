@@ -285,6 +285,37 @@ class MolmoeAdapter(LanguageAdapter):
     family = "molmo"
     image_keys = ("images", "image_masks", "image_input_idx")
     shared_attr = None
+    takes_images = True
+    # OLMo names (fused att_proj, stacked experts) are converted on load
+    stream_refusal = ("layer-streamed profiling does not read MolmoE checkpoints (their tensors are renamed and "
+                      "split when loaded); profile in memory (drop --resume / raise --max-memory)")
+
+    # --- inputs ----------------------------------------------------------------------------------
+    @classmethod
+    def image_batches(cls, folder, config: dict, tokenizer, directory, batch: int) -> list[dict]:
+        from ..profiler.calibration import molmo_batches
+
+        if directory is None:
+            raise InputError(f"{folder}: MolmoE image calibration needs the model directory (its vision geometry)")
+        return molmo_batches(folder, config, tokenizer, Path(directory))
+
+    def image_inputs(self, config: dict, tokenizer, prompt: str, image) -> dict:
+        """BOS, the image tokens, `` User: {prompt} Assistant:`` (``mopeq.vlm.molmo_inputs``)."""
+        from ..vlm import molmo_inputs
+
+        vision = getattr(getattr(self.model, "model", None), "vision_backbone", None)
+        if vision is None:
+            raise InputError(f"images: {self.source_dir} has no model.vision_backbone.* tensors (runs text only)")
+        # the normalised config of the build (e.g. additional_vocab_size from the tensors)
+        return molmo_inputs(self.model.source_config, vision.geometry, tokenizer, image, f" User: {prompt} Assistant:")
+
+    def unbuilt_params(self) -> int:
+        """Without checkpoint tensors (a config alone) the vision backbone is not built: the remote code's default."""
+        if hasattr(self.model, "model"):
+            return 0
+        from .molmo_vision import default_geometry, param_count
+
+        return param_count(default_geometry(self.language_config().hidden_size))
 
     # --- disk ------------------------------------------------------------------------------------
     def layer_disk_prefix(self, layer: int) -> str:

@@ -126,6 +126,9 @@ def build(name: str, directory: Path) -> Path:
     model = auto.from_config(hf)
     _randomize_routers(model)
     model.save_pretrained(directory)
-    (directory / "config.json").write_text(json.dumps(tiny, indent=1))  # the published keys, not a re-serialisation
+    # the published keys, not a re-serialisation; the weights written are unquantized, so DeepSeek-V3's fp8
+    # quantization_config goes (test_quantized_source_is_refused keeps it)
+    (directory / "config.json").write_text(json.dumps({k: v for k, v in tiny.items() if k != "quantization_config"},
+                                                      indent=1))
     save_tokenizer(directory)
     return directory

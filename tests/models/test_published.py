@@ -115,3 +115,51 @@ def test_config_that_does_not_match_the_checkpoint_is_refused(tmp_path):
     with pytest.raises(InputError, match=r"missing from the checkpoint \(it would be initialised at random\): "
                                          r"model\.layers\.2\."):
         open_model(directory)
+
+
+# Total parameters the model cards publish (rounded as published), for `mopeq estimate` from the shipped configs.
+PUBLISHED_TOTALS = {"deepseek-vl2-tiny": 3.37e9, "deepseek-vl2-small": 16.1e9, "deepseek-vl2": 27.5e9,
+                    "molmoe-1b": 7.2e9, "mixtral-8x7b": 46.7e9, "qwen1.5-moe-a2.7b": 14.3e9, "qwen3-30b-a3b": 30.5e9,
+                    "olmoe-1b-7b": 6.9e9, "deepseek-v2-lite": 15.7e9, "deepseek-v3": 671e9,
+                    "qwen3-vl-30b-a3b": 31.1e9, "granite-3.0-1b-a400m": 1.33e9, "ernie-4.5-21b-a3b": 21e9,
+                    "phi-3.5-moe": 41.9e9}
+
+
+def test_estimate_every_shipped_config_matches_the_published_size():
+    """`mopeq estimate` counts on the family's meta-device module tree: within 5 % of every model card
+    (Ernie's card rounds 21.8 B to 21 B)."""
+    from mopeq.estimate import moe_shape, read_named_config
+
+    assert set(PUBLISHED_TOTALS) == set(FAMILY)
+    for name, total in PUBLISHED_TOTALS.items():
+        _, config, where = read_named_config(name)
+        shape = moe_shape(config, where)
+        params = shape.non_expert_params + sum(n * k for s in shape.matrices.values() for n, k in s.values())
+        assert abs(params - total) / total < 0.05, (name, params)
+
+
+def test_estimate_a_local_model_directory_counts_its_module_tree(tmp_path):
+    """For a model directory the estimate's expert and total sizes are the loaded model's."""
+    from mopeq.estimate import estimate
+
+    directory = build("qwen1.5-moe-a2.7b", tmp_path / "m")
+    spec = tmp_path / "spec.yaml"
+    spec.write_text("version: 1\nbits: [2, 4]\ngroup_size: 16\nbudget: {avg_bits: 3.0}\nscope: global\n"
+                    "sensitivity: hessian-local\n")
+    result = estimate(str(directory), spec)
+    loaded = open_model(directory)
+    experts = sum(w.numel() for r in loaded.adapter.experts() for w in loaded.adapter.expert_weights(r).values())
+    total = sum(p.numel() for p in loaded.model.parameters())
+    assert result["experts_bf16_gb"] == pytest.approx(2 * experts / 1e9)
+    assert result["total_bf16_gb"] == pytest.approx(2 * total / 1e9)
+    assert (result["moe_layers"], result["experts_per_layer"], result["top_k"]) == (2, 16, 4)
+
+
+def test_quantized_source_is_refused(tmp_path):
+    """DeepSeek-V3 as published (fp8 weights, quantization_config): one line, not a half-read checkpoint."""
+    directory = build("deepseek-v3", tmp_path / "m")
+    config = json.loads((directory / "config.json").read_text())
+    config["quantization_config"] = published("deepseek-v3")["quantization_config"]
+    (directory / "config.json").write_text(json.dumps(config))
+    with pytest.raises(InputError, match=r"quant_method 'fp8': mopeq quantizes unquantized checkpoints"):
+        open_model(directory)
