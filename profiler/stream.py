@@ -28,7 +28,6 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from ..models import LoadedModel, read_config, resolve_dir, skeleton
-from ..models.base import ExpertRef
 from ..schemas import ExpertNode, InputError, Profile, ProfileMeta
 from .curvature import SOURCES, scored_tokens, total_tokens
 from .profile import RoutingRecorder, expert_node, non_expert_bytes, similarity_edges
@@ -89,6 +88,10 @@ class LayerStreamer:
             for pname, _ in list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False)):
                 if f"{name}.{pname}" in tensors:
                     self._set(module, pname, tensors[f"{name}.{pname}"])
+        for target, source in (getattr(self.model, "all_tied_weights_keys", None) or {}).items():
+            if target not in tensors:  # e.g. lm_head.weight is the embedding: tie it to the loaded tensor
+                owner, _, leaf = target.rpartition(".")
+                setattr(self.model.get_submodule(owner), leaf, self.model.get_parameter(source))
         core = self.core()
         core.rotary_emb = type(core.rotary_emb)(core.config)  # non-persistent buffers: rebuild on CPU
         self._track()
@@ -111,43 +114,17 @@ class LayerStreamer:
         prefix = f"{self.layers_prefix}.{layer}."
         module.to_empty(device="cpu")
         own = list(module.named_parameters()) + list(module.named_buffers())
-        names = {prefix + name for name, _ in own}
-        keys = [k for k in self.reader.keys if self.adapter.memory_key(k) in names]
+        keys = [k for k in self.reader.keys if self.adapter.memory_key(k).startswith(prefix)]
         tensors = self.adapter.memory_tensors({k: self.reader.read(k) for k in keys})
         self.stats.loaded_tensors += len(keys)
-        experts_left = False
         with torch.no_grad():
             for name, tensor in own:
-                if prefix + name in tensors:
-                    tensor.copy_(tensors[prefix + name])
-                elif self._is_expert_tensor(layer, tensor):
-                    experts_left = True
-                else:
+                if prefix + name not in tensors:
                     raise InputError(f"{self.directory}: tensor {prefix + name} missing from the checkpoint")
-        if experts_left:  # one tensor per expert under the module's names (families mopeq builds itself)
-            self._load_experts(layer)
+                tensor.copy_(tensors[prefix + name])
         self.stats.layers_loaded.append(layer)
         self._track()
         return module
-
-    def _is_expert_tensor(self, layer: int, tensor) -> bool:
-        if layer not in self.adapter.moe_layers():
-            return False
-        experts = self.adapter.experts_module(layer)
-        return any(tensor is p for p in experts.parameters())
-
-    def _load_experts(self, layer: int) -> None:
-        cache: dict[str, torch.Tensor] = {}
-        for j in range(self.adapter.num_experts(layer)):
-            ref = ExpertRef(layer, j)
-            where = self.adapter.disk_tensors(ref, self.reader.keys)
-            for loc in where.values():
-                if loc.key not in cache:
-                    if loc.key not in self.reader.keys:
-                        raise InputError(f"{self.directory}: tensor {loc.key} missing from the checkpoint")
-                    cache[loc.key] = self.reader.read(loc.key)
-                    self.stats.loaded_tensors += 1
-            self.adapter.set_expert_weights(ref, {m: loc.take(cache[loc.key]) for m, loc in where.items()})
 
     def unload_layer(self, layer: int) -> None:
         self.adapter.decoder_layers()[layer].to("meta")

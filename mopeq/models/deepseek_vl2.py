@@ -299,11 +299,11 @@ class DeepseekVL2Adapter(LanguageAdapter):
         return model
 
     def memory_tensors(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return vision_to_memory(tensors)
+        return vision_to_memory(fuse_experts(tensors))
 
     @classmethod
     def load_model(cls, directory, config: dict, dtype: torch.dtype) -> nn.Module:
         model = cls.build_model(config, directory)
-        state = vision_to_memory(fuse_experts(read_state(Path(directory))))
+        state = cls(model).memory_tensors(read_state(Path(directory)))
         return load_into(model, state, Path(directory)).to(dtype)
 

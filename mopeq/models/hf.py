@@ -119,9 +119,17 @@ class TransformersAdapter(MoEAdapter):
         shards = checkpoint_shards(Path(directory))
         handles = {path: safe_open(str(path), "pt") for path in set(shards.values())}
         state = {key: handles[path].get_slice(key) for key, path in shards.items()}
-        model, info = _auto(lambda: cls.model_class(config).from_pretrained(
-            None, config=cls.hf_config(config), state_dict=state, dtype=dtype, attn_implementation="eager",
-            output_loading_info=True), config, directory)
+        from transformers.utils import logging
+
+        bar = logging.is_progress_bar_enabled()
+        logging.disable_progress_bar()  # its per-tensor "Loading weights" bar; mopeq reports its own progress
+        try:
+            model, info = _auto(lambda: cls.model_class(config).from_pretrained(
+                None, config=cls.hf_config(config), state_dict=state, dtype=dtype, attn_implementation="eager",
+                output_loading_info=True), config, directory)
+        finally:
+            if bar:
+                logging.enable_progress_bar()
         check_loading_info(info, model, Path(directory))
         return model
 

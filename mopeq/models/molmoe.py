@@ -82,7 +82,8 @@ from ..schemas import InputError
 from .base import DiskTensor, ExpertRef, LanguageAdapter
 from .checkpoint import TextOnlyWrapper, attach_frozen, header, load_into, read_state
 from .layouts import megablocks
-from .molmo_vision import VISION, MolmoVisionBackbone, VisionGeometry, add_image_features, memory_key, vision_geometry
+from .molmo_vision import VISION, MolmoVisionBackbone, VisionGeometry, add_image_features, vision_geometry
+from .molmo_vision import memory_key as vision_memory_key
 
 ROOT = "model.transformer."
 BLOCKS = ROOT + "blocks"
@@ -274,6 +275,7 @@ def interleave_perm(head_dim: int) -> torch.Tensor:
     return torch.cat([torch.arange(0, head_dim, 2), torch.arange(1, head_dim, 2)])
 
 
+EMBED = "language.model.embed_tokens.weight"
 BLOCK_KEY = re.compile(r"^model\.transformer\.blocks\.(\d+)\.(.+)$")
 ATTN = {"att_proj.weight", "att_proj.bias", "attn_out.weight", "attn_out.bias", "attn_norm.weight",
         "q_norm.weight", "k_norm.weight"}
@@ -286,9 +288,6 @@ class MolmoeAdapter(LanguageAdapter):
     image_keys = ("images", "image_masks", "image_input_idx")
     shared_attr = None
     takes_images = True
-    # OLMo names (fused att_proj, stacked experts) are converted on load
-    stream_refusal = ("layer-streamed profiling does not read MolmoE checkpoints (their tensors are renamed and "
-                      "split when loaded); profile in memory (drop --resume / raise --max-memory)")
 
     # --- inputs ----------------------------------------------------------------------------------
     @classmethod
@@ -333,6 +332,16 @@ class MolmoeAdapter(LanguageAdapter):
 
     def memory_tensors(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return to_memory(tensors, self.model.language.config, self._rope_interleaved(tensors))
+
+    def memory_key(self, key: str) -> str:
+        """Under which module a disk tensor lands (``to_memory`` splits and stacks them: the module, not the exact
+        tensor, for a block's tensors)."""
+        match = BLOCK_KEY.match(key)
+        if match is not None:
+            return f"language.model.layers.{match[1]}.{match[2]}"
+        return {ROOT + "ff_out.weight": "language.lm_head.weight", "lm_head.weight": "language.lm_head.weight",
+                ROOT + "ln_f.weight": "language.model.norm.weight", ROOT + "wte.embedding": EMBED,
+                ROOT + "wte.new_embedding": EMBED}.get(key) or vision_memory_key(key)
 
     def _rope_interleaved(self, tensors) -> bool:
         impl = getattr(self.model, "rope_impl", None)
@@ -397,7 +406,7 @@ def to_memory(tensors: dict[str, torch.Tensor], cfg, interleaved: bool) -> dict[
             continue
         match = BLOCK_KEY.match(key)
         if match is None:
-            out[memory_key(key)] = value  # vision backbone: its module's name (ViT resblocks renamed)
+            out[vision_memory_key(key)] = value  # vision backbone: its module's name (ViT resblocks renamed)
             continue
         i, rest = int(match[1]), match[2]
         rest = rest.removeprefix("attn.") if rest.removeprefix("attn.") in ATTN else rest

@@ -13,14 +13,21 @@ TEXT = "the quick brown fox jumps over the lazy dog. " * 40
 SPEC = "version: 1\nbits: [8]\ngroup_size: 32\nbudget: {fraction: 1.0}\nscope: global\nsensitivity: hessian-local\n"
 
 
-def test_cli_chain_mixtral(tiny_models, tmp_path, capsys):
-    model = str(tiny_models["mixtral"])
+@pytest.mark.parametrize("family", ["mixtral", "granite-3.0-1b-a400m", "ernie-4.5-21b-a3b"])
+def test_cli_chain(family, tiny_models, tmp_path, capsys):
+    """Also the families whose keys transformers renames or fuses (GraniteMoe, Ernie 4.5), as a user runs them,
+    layer-streamed (--resume) as well."""
+    from .published import build
+
+    model = str(tiny_models[family] if family in tiny_models else build(family, tmp_path / "model"))
     (tmp_path / "calib.txt").write_text(TEXT)
     (tmp_path / "spec.yaml").write_text(SPEC)
     assert main(["profile", model, "--calib", str(tmp_path / "calib.txt"), "--bits", "8", "--group-size", "32",
                  "-o", str(tmp_path / "profile.json")]) == 0
     assert main(["plan", str(tmp_path / "spec.yaml"), "--profile", str(tmp_path / "profile.json"),
                  "-o", str(tmp_path / "plan.json")]) == 0
+    assert main(["profile", model, "--calib", str(tmp_path / "calib.txt"), "--bits", "8", "--group-size", "32",
+                 "--resume", str(tmp_path / "layers"), "-o", str(tmp_path / "streamed.json")]) == 0
     assert main(["compile", model, "--plan", str(tmp_path / "plan.json"), "-o", str(tmp_path / "art")]) == 0
     capsys.readouterr()
     assert main(["run", str(tmp_path / "art"), "--prompt", "the quick", "--max-new-tokens", "4"]) == 0

@@ -26,7 +26,6 @@ FAMILY = {"deepseek-vl2-tiny": "deepseek_vl_v2", "deepseek-vl2-small": "deepseek
           "qwen3-30b-a3b": "qwen3_moe", "olmoe-1b-7b": "olmoe", "deepseek-v2-lite": "deepseek_v2",
           "deepseek-v3": "deepseek_v2", "qwen3-vl-30b-a3b": "qwen3_vl_moe", "granite-3.0-1b-a400m": "granitemoe",
           "ernie-4.5-21b-a3b": "ernie4_5_moe", "phi-3.5-moe": "phimoe"}
-STREAMED = set(FAMILY) - {"molmoe-1b"}  # MolmoE's fused attention is split on load: profiled in memory only
 
 
 def batches(seed: int = 0) -> list[dict]:
@@ -48,11 +47,11 @@ def test_published_config_chain(name, tmp_path):
     assert profile.meta.family == FAMILY[name]
     routed = [e for e in profile.experts if not e.shared]
     assert routed and sum(e.tokens for e in routed) > 0
-    if name in STREAMED:
-        streamed, _ = profile_streamed(directory, calib, info, bits=(8,), group_size=16)
-        assert [(e.id, e.tokens) for e in streamed.experts] == [(e.id, e.tokens) for e in profile.experts]
-        for a, b in zip(profile.experts, streamed.experts):
-            assert b.perturbation["8"] == pytest.approx(a.perturbation["8"], rel=1e-5)
+    streamed, _ = profile_streamed(directory, calib, info, bits=(8,), group_size=16)
+    assert [(e.id, e.tokens) for e in streamed.experts] == [(e.id, e.tokens) for e in profile.experts]
+    assert streamed.meta.calibration["loss"] == pytest.approx(profile.meta.calibration["loss"], rel=1e-5)
+    for a, b in zip(profile.experts, streamed.experts):
+        assert b.perturbation["8"] == pytest.approx(a.perturbation["8"], rel=1e-5)
 
     (tmp_path / "spec.yaml").write_text(SPEC.replace("group_size: 32", "group_size: 16"))
     artifact = compile_artifact(directory, make_plan(load_spec(tmp_path / "spec.yaml"), profile),
