@@ -74,10 +74,6 @@ class LayerStreamer:
         self.layers_prefix = self.names[id(self.adapter.decoder_layers())]
         self._load_outside_layers()
 
-    def core(self):
-        """The decoder stack (``DeepseekV2Model``): embeddings, rotary, layers, norm."""
-        return self.model.get_submodule(self.layers_prefix.rsplit(".", 1)[0])
-
     def _load_outside_layers(self) -> None:
         inside = f"{self.layers_prefix}."
         keys = [k for k in self.reader.keys if not self.adapter.memory_key(k).startswith(inside)]
@@ -92,7 +88,7 @@ class LayerStreamer:
             if target not in tensors:  # e.g. lm_head.weight is the embedding: tie it to the loaded tensor
                 owner, _, leaf = target.rpartition(".")
                 setattr(self.model.get_submodule(owner), leaf, self.model.get_parameter(source))
-        core = self.core()
+        core = self.adapter.decoder_stack()
         core.rotary_emb = type(core.rotary_emb)(core.config)  # non-persistent buffers: rebuild on CPU
         self._track()
 
@@ -129,39 +125,18 @@ class LayerStreamer:
     def unload_layer(self, layer: int) -> None:
         self.adapter.decoder_layers()[layer].to("meta")
 
-    # --- running -------------------------------------------------------------------------------------
+    # --- running (the family's hooks) -----------------------------------------------------------------
     def embed(self, batch: dict) -> torch.Tensor:
-        if batch.get("images") is not None and not hasattr(self.model, "embed"):  # VL2 / MolmoE: tower not streamed
-            raise InputError(f"{self.directory}: layer-streamed profiling runs this model on text only; profile "
-                             f"image calibration in memory (drop --resume / raise --max-memory)")
-        if hasattr(self.model, "embed"):
-            return self.model.embed(batch["input_ids"], batch.get("images"))  # the demo VLM
-        return self.adapter.embed_tokens(self.core(), batch["input_ids"])
+        try:
+            return self.adapter.embed_batch(batch)
+        except InputError as exc:
+            raise InputError(f"{self.directory}: {exc}") from None
 
     def run_layer(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
-        """Decoder layer ``layer`` on ``hidden`` ``[B, T, H]`` with causal mask and rotary embeddings."""
-        from transformers.masking_utils import create_causal_mask
-
-        core = self.core()
-        pos = torch.arange(hidden.shape[1])[None]
-        mask = create_causal_mask(config=core.config, inputs_embeds=hidden, attention_mask=None, cache=None,
-                                  position_ids=pos)
-        rotary = core.rotary_emb(hidden, pos)
-        return self.adapter.decoder_layers()[layer](hidden, attention_mask=mask, position_ids=pos,
-                                                    position_embeddings=rotary, use_cache=False)
+        return self.adapter.run_layer(layer, hidden)
 
     def loss(self, batch: dict, hidden: torch.Tensor) -> torch.Tensor:
-        """Mean next-token cross-entropy from the last hidden states (same rule as ``adapter.loss``)."""
-        head = self.model.get_output_embeddings() if hasattr(self.model, "get_output_embeddings") else None
-        if head is None:  # mopeq's own VLM wrappers: the language model's head
-            owner = self.layers_prefix.rsplit(".", 1)[0].rpartition(".")[0]  # "language" or ""
-            head = self.model.get_submodule(f"{owner}.lm_head" if owner else "lm_head")
-        logits = self.adapter.head_logits(head, self.core().norm(hidden))
-        labels = batch.get("labels")
-        if labels is None:
-            labels, logits = batch["input_ids"][:, 1:], logits[:, :-1]
-        return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
-                                                 ignore_index=-100)
+        return self.adapter.last_hidden_loss(batch, hidden)
 
 
 # --- checkpoints ---------------------------------------------------------------------------------------

@@ -250,13 +250,42 @@ class MoEAdapter:
                          "(images: demo VLM, DeepSeek-VL2, MolmoE)")
 
     # --- running -----------------------------------------------------------------------------------
-    def embed_tokens(self, core: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
-        """What the decoder stack ``core`` feeds its first layer (the layer-streamed profiler's entry)."""
-        return core.embed_tokens(input_ids) * float(getattr(self.language_config(), "embedding_multiplier", 1.0))
+    # Layer by layer (the layer-streamed profiler): embed, one decoder layer at a time, loss from the last hidden.
+    def decoder_stack(self) -> nn.Module:
+        """The module holding the decoder layers, embeddings, rotary embedding and final norm."""
+        layers = self.decoder_layers()
+        return next(m for m in self.model.modules() if any(c is layers for c in m.children()))
 
-    def head_logits(self, head: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
-        """Logits from the final-normed hidden states (GraniteMoe divides them by ``logits_scaling``)."""
-        return head(hidden) / float(getattr(self.language_config(), "logits_scaling", 1.0))
+    def embed_batch(self, batch: dict) -> torch.Tensor:
+        """What the first decoder layer receives for ``batch`` (text only unless the family overrides it)."""
+        if batch.get("images") is not None:
+            raise InputError("layer-streamed profiling runs this model on text only; profile image calibration in "
+                             "memory (drop --resume / raise --max-memory)")
+        core = self.decoder_stack()
+        return core.embed_tokens(batch["input_ids"]) * float(getattr(self.language_config(), "embedding_multiplier", 1.0))
+
+    def run_layer(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
+        """Decoder layer ``layer`` on ``hidden`` ``[B, T, H]`` with the causal mask and rotary embeddings."""
+        from transformers.masking_utils import create_causal_mask
+
+        core = self.decoder_stack()
+        pos = torch.arange(hidden.shape[1])[None]
+        mask = create_causal_mask(config=core.config, inputs_embeds=hidden, attention_mask=None, cache=None,
+                                  position_ids=pos)
+        out = self.decoder_layers()[layer](hidden, attention_mask=mask, position_ids=pos,
+                                           position_embeddings=core.rotary_emb(hidden, pos), use_cache=False)
+        return out[0] if isinstance(out, tuple) else out
+
+    def output_head(self) -> nn.Module:
+        head = self.model.get_output_embeddings() if hasattr(self.model, "get_output_embeddings") else None
+        return head if head is not None else self.model.language.lm_head  # mopeq's VLM wrappers
+
+    def last_hidden_loss(self, batch: dict, hidden: torch.Tensor) -> torch.Tensor:
+        """Mean next-token cross-entropy from the last layer's output (the same rule as ``loss``); GraniteMoe
+        divides its logits by ``logits_scaling``."""
+        logits = self.output_head()(self.decoder_stack().norm(hidden))
+        logits = logits / float(getattr(self.language_config(), "logits_scaling", 1.0))
+        return self._cross_entropy(batch, logits)
 
     def forward(self, batch: dict) -> torch.Tensor:
         """Logits for one calibration batch ``{"input_ids": [B, T], ...}``."""
@@ -264,7 +293,10 @@ class MoEAdapter:
 
     def loss(self, batch: dict) -> torch.Tensor:
         """Mean next-token cross-entropy of a batch (labels -100 are ignored)."""
-        logits = self.forward(batch)
+        return self._cross_entropy(batch, self.forward(batch))
+
+    @staticmethod
+    def _cross_entropy(batch: dict, logits: torch.Tensor) -> torch.Tensor:
         labels = batch.get("labels")
         if labels is None:
             labels = batch["input_ids"][:, 1:]

@@ -41,3 +41,6 @@ class DemoAdapter(LanguageAdapter):
 
     def forward(self, batch: dict) -> torch.Tensor:
         return self.model(batch["input_ids"], batch.get("images")).logits
+
+    def embed_batch(self, batch: dict) -> torch.Tensor:
+        return self.model.embed(batch["input_ids"], batch.get("images"))  # images through its vision tower
