@@ -9,7 +9,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from .schemas import InputError
@@ -166,16 +168,31 @@ def cmd_profile(args) -> None:
         batches = text_file_batches(Path(calib), _tokenizer(directory))
     info = summary(batches, str(calib))
     limit = None if args.max_memory is None else parse_memory(args.max_memory)
-    streamed = choose_profile_mode(directory, batches, limit, bool(sources or args.ablation), args.resume is not None)
-    if streamed:
-        if sources or args.ablation:
-            print("note: layer-streamed mode: --curvature/--ablation need the whole model and are not computed")
-        profile, _ = profile_streamed(args.model, batches, info, bits, args.group_size, args.symmetric,
-                                      args.clip_search, args.seed, checkpoint_dir=args.resume)
-    else:
+    mode = choose_profile_mode(directory, batches, limit, sources, args.ablation, args.resume is not None)
+    if mode == "memory":
         profile = _profile_in_memory(args, batches, info, bits, sources)
+    else:
+        if args.ablation:
+            raise InputError("--ablation: needs the whole model; not computed in layer-streamed mode (drop --resume)")
+        with _scratch(mode == "streamed-disk", args.resume) as boundaries:
+            profile, _ = profile_streamed(args.model, batches, info, bits, args.group_size, args.symmetric,
+                                          args.clip_search, args.seed, checkpoint_dir=args.resume,
+                                          curvature=tuple(sources), probes=args.probes, tolerance=args.tolerance,
+                                          boundaries=boundaries)
     write_profile(profile, args.output)
     print(f"wrote {args.output}: {len(profile.experts)} experts, calibration loss {profile.meta.calibration['loss']:.4f}")
+
+
+@contextmanager
+def _scratch(on_disk: bool, resume: Path | None):
+    """Where a streamed curvature profile keeps each layer's input: RAM (None), under --resume (kept for a
+    rerun), or a temporary folder removed afterwards."""
+    if not on_disk or resume is not None:
+        yield None
+        return
+    with tempfile.TemporaryDirectory(prefix="mopeq-boundaries-") as folder:
+        print(f"note: layer inputs do not fit --max-memory; kept in {folder} while profiling")
+        yield Path(folder)
 
 
 def _profile_in_memory(args, batches, info, bits, sources):

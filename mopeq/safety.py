@@ -166,6 +166,9 @@ def profile_memory(directory: Path, batches: list[dict], whole_model: bool) -> d
     ``whole_model``: gradient, probe and Hessian-vector product per weight, and the activations every
     layer keeps for the double backward). ``streamed``: weights outside the decoder layers + the
     largest layer + the hidden states carried for every calibration batch + one batch's activations.
+    ``boundaries``: every layer's input for every batch, which a streamed curvature profile keeps (in
+    RAM, or in a scratch folder: then one layer's worth is read back at a time); ``layer_backward``: the
+    gradients and graph of one layer during the backward sweep.
     """
     import re
 
@@ -182,11 +185,13 @@ def profile_memory(directory: Path, batches: list[dict], whole_model: bool) -> d
     activations = 4 * batch_tokens * (2 * vocab + 16 * hidden)
     curvature = 3 * weights + 2 * 4 * batch_tokens * 16 * hidden * max(len(per_layer), 1) if whole_model else 0
     largest = max(per_layer.values(), default=weights)
+    hidden_states = 2 * 4 * all_tokens * hidden
+    streamed = weights - sum(per_layer.values()) + largest + hidden_states + activations
     return {"weights": weights, "activations": activations, "curvature": curvature,
             "in_memory": weights + activations + curvature,
             "outside_layers": weights - sum(per_layer.values()), "largest_layer": largest,
-            "hidden_states": 2 * 4 * all_tokens * hidden,
-            "streamed": weights - sum(per_layer.values()) + largest + 2 * 4 * all_tokens * hidden + activations}
+            "hidden_states": hidden_states, "streamed": streamed,
+            "boundaries": 4 * all_tokens * hidden * max(len(per_layer), 1), "layer_backward": 2 * largest}
 
 
 def _embedding_shape(directory: Path) -> tuple[int, int]:
@@ -196,30 +201,40 @@ def _embedding_shape(directory: Path) -> tuple[int, int]:
     return tuple(max(two_d, key=math.prod)) if two_d else (0, 0)
 
 
-def choose_profile_mode(directory: Path, batches: list[dict], limit: int | None, whole_model: bool,
-                        resume: bool) -> bool:
-    """True to profile layer-streamed; refuse (``InputError``) a profile that cannot fit in ``limit`` bytes.
+def choose_profile_mode(directory: Path, batches: list[dict], limit: int | None, curvature: list[str],
+                        ablation: bool, resume: bool) -> str:
+    """``"memory"``, ``"streamed"`` (layer by layer, boundary activations in RAM) or ``"streamed-disk"``
+    (boundary activations in a scratch folder); refuse (``InputError``) a profile that cannot fit ``limit``.
 
-    Without a limit: streamed only when ``resume``. With one: in memory if it fits; else streamed,
-    unless ``whole_model`` (loss curvature / ablation was asked for), which streaming cannot give.
+    Without a limit: streamed only when ``resume``. With one: in memory if it fits; else streamed. Loss
+    curvature streams too (fisher, gauss-newton: a backward sweep); the Hessian and ablation need the
+    whole model.
     """
+    whole = bool(curvature) or ablation
     if limit is None:
-        return resume
-    need = profile_memory(directory, batches, whole_model)
+        return "streamed" if resume else "memory"
+    need = profile_memory(directory, batches, whole)
     if not resume and need["in_memory"] <= limit:
-        return False
+        return "memory"
     if need["streamed"] > limit:
         raise InputError(f"--max-memory {_size(limit)}: even layer-streamed profiling of {directory} needs about "
                          f"{_size(need['streamed'])} (weights outside the layers {_size(need['outside_layers'])} + "
                          f"largest layer {_size(need['largest_layer'])} + hidden states {_size(need['hidden_states'])}"
                          f"); raise --max-memory or calibrate on fewer tokens")
-    if whole_model and not resume:
-        raise InputError(f"--max-memory {_size(limit)}: profiling {directory} with --curvature/--ablation needs about "
-                         f"{_size(need['in_memory'])} (weights {_size(need['weights'])} + activations "
-                         f"{_size(need['activations'])} + curvature buffers {_size(need['curvature'])}); drop "
-                         f"--curvature/--ablation to profile layer-streamed (about {_size(need['streamed'])}), "
-                         f"or raise --max-memory")
-    return True
+    in_memory_only = [c for c in curvature if c == "hessian"] + (["--ablation"] if ablation else [])
+    if in_memory_only and not resume:
+        raise InputError(f"--max-memory {_size(limit)}: profiling {directory} with {', '.join(in_memory_only)} needs "
+                         f"the whole model, about {_size(need['in_memory'])} (weights {_size(need['weights'])} + "
+                         f"activations {_size(need['activations'])} + curvature buffers {_size(need['curvature'])}); "
+                         f"use --curvature fisher or gauss-newton (streamed, about "
+                         f"{_size(need['streamed'] + need['layer_backward'] + need['boundaries'])}), or raise "
+                         f"--max-memory")
+    if not curvature:
+        return "streamed"
+    backward = need["streamed"] + need["layer_backward"]
+    if backward + need["boundaries"] <= limit:
+        return "streamed"
+    return "streamed-disk"
 
 
 def _size(n: int) -> str:

@@ -127,7 +127,11 @@ def _grad(outputs, params, grad_outputs=None, **kw):
 
 def scored_logits(adapter: MoEAdapter, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits ``[N, V]`` (float) and labels ``[N]`` of the scored tokens, shifted as ``adapter.loss`` does."""
-    logits = adapter.forward(batch)
+    return shift_scored(batch, adapter.forward(batch))
+
+
+def shift_scored(batch: dict, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The scored rows of ``logits`` ``[B, T, V]`` and their labels (next tokens, or ``batch["labels"]``)."""
     labels = batch.get("labels")
     if labels is None:
         labels, logits = batch["input_ids"][:, 1:], logits[:, :-1]

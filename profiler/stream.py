@@ -28,11 +28,11 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from ..models import LoadedModel, read_config, resolve_dir, skeleton
+from ..models.base import ExpertRef
 from ..schemas import ExpertNode, InputError, Profile, ProfileMeta
-from .curvature import SOURCES, scored_tokens, total_tokens
-from .profile import RoutingRecorder, expert_node, non_expert_bytes, similarity_edges
+from .curvature import scored_tokens, shift_scored, total_tokens
+from .profile import RoutingRecorder, add_sensitivity, expert_node, non_expert_bytes, similarity_edges
 
-UNAVAILABLE = "needs a backward pass through the whole model; not computed in layer-streamed mode"
 
 
 @dataclass
@@ -138,6 +138,10 @@ class LayerStreamer:
     def loss(self, batch: dict, hidden: torch.Tensor) -> torch.Tensor:
         return self.adapter.last_hidden_loss(batch, hidden)
 
+    def scored_logits(self, batch: dict, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``curvature.scored_logits`` from the last hidden states: ``[N, V]`` float logits and labels."""
+        return shift_scored(batch, self.adapter.last_hidden_logits(hidden))
+
 
 # --- checkpoints ---------------------------------------------------------------------------------------
 
@@ -186,22 +190,40 @@ def load_finished(directory: Path, key: str) -> tuple[dict[int, dict], list[torc
 
 def profile_streamed(path, batches: list[dict], calibration: dict, bits=(2, 3, 4, 8), group_size: int = 128,
                      symmetric: bool = False, clip_search: bool = False, seed: int = 0,
-                     checkpoint_dir: Path | None = None, on_layer_done=None) -> tuple[Profile, StreamStats]:
-    """Profile ``path`` layer by layer (see module docstring). Example: ``profile_streamed(dir, batches, summary)``."""
+                     checkpoint_dir: Path | None = None, on_layer_done=None, curvature: tuple[str, ...] = (),
+                     probes: int = 32, tolerance: float = 0.1,
+                     boundaries: Path | None = None) -> tuple[Profile, StreamStats]:
+    """Profile ``path`` layer by layer (see module docstring). Example: ``profile_streamed(dir, batches, summary)``.
+
+    ``curvature``: ``fisher`` / ``gauss-newton`` by a backward sweep (``stream_curvature``); each layer's input
+    is kept in RAM, or under ``boundaries`` (a folder) when given, and under ``checkpoint_dir`` when resuming.
+    """
+    from .stream_curvature import HESSIAN_UNAVAILABLE, STREAMED_SOURCES, BoundaryStore, streamed_curvature
+
+    unstreamable = [c for c in curvature if c not in STREAMED_SOURCES]
+    if unstreamable:
+        raise InputError(f"--curvature {','.join(unstreamable)}: {HESSIAN_UNAVAILABLE}")
     torch.manual_seed(seed)
     streamer = LayerStreamer(path)
     loaded = LoadedModel(streamer.model, streamer.adapter, streamer.config, _model_id(path, streamer.config),
                          streamer.directory)
     settings = {"bits": sorted(bits), "group_size": group_size, "symmetric": symmetric,
                 "clip_search": clip_search, "seed": seed}
+    if curvature:
+        settings.update(curvature=list(curvature), probes=probes, tolerance=tolerance)
     key = run_key(loaded.config_hash, calibration, settings)
     done, hidden = load_finished(Path(checkpoint_dir), key) if checkpoint_dir else ({}, None)
+    if boundaries is None and checkpoint_dir is not None and curvature:
+        boundaries = Path(checkpoint_dir) / "boundaries"  # resumable with the layers
+    store = BoundaryStore(boundaries)
     with torch.no_grad():
         if hidden is None:
             hidden = [streamer.embed(b) for b in batches]
         for layer in range(len(streamer.adapter.decoder_layers())):
             if layer in done:
                 continue
+            if curvature:
+                store.put(layer, hidden)
             nodes, edges, hidden = _profile_layer(streamer, loaded, layer, batches, hidden, calibration, settings)
             done[layer] = {"nodes": [n.model_dump() for n in nodes], "edges": edges}
             if checkpoint_dir:
@@ -209,7 +231,9 @@ def profile_streamed(path, batches: list[dict], calibration: dict, bits=(2, 3, 4
             if on_layer_done:
                 on_layer_done(layer)
         loss = _final_loss(streamer, batches, hidden)
-    return _assemble(loaded, done, calibration, settings, loss), streamer.stats
+    traces = streamed_curvature(streamer, batches, store, hidden, list(curvature), probes, tolerance,
+                                seed=seed) if curvature else {}
+    return _assemble(loaded, done, calibration, settings, loss, traces), streamer.stats
 
 
 def _profile_layer(streamer, loaded, layer, batches, hidden, calibration, settings):
@@ -238,10 +262,16 @@ def _final_loss(streamer, batches, hidden) -> float:
     return sum(float(streamer.loss(b, h)) * scored_tokens(b) / m for b, h in zip(batches, hidden))
 
 
-def _assemble(loaded, done, calibration, settings, loss) -> Profile:
+def _assemble(loaded, done, calibration, settings, loss, traces: dict) -> Profile:
+    from .stream_curvature import HESSIAN_UNAVAILABLE
+
     nodes = [ExpertNode(**n) for layer in sorted(done) for n in done[layer]["nodes"]]
+    for node in nodes:
+        for source, by_ref in traces.items():
+            node.trace[source] = by_ref[ExpertRef(node.layer, node.expert, node.shared)]
+        add_sensitivity(node)
     edges = [tuple(e) for layer in sorted(done) for e in done[layer]["edges"]]
-    settings = dict(settings, streamed=True, curvature_unavailable={s: UNAVAILABLE for s in SOURCES})
+    settings = dict(settings, streamed=True, curvature_unavailable={"hessian": HESSIAN_UNAVAILABLE})
     meta = ProfileMeta(model_id=loaded.model_id, family=loaded.adapter.family, config_hash=loaded.config_hash,
                        calibration=dict(calibration, loss=loss), settings=settings, top_k=loaded.adapter.top_k(),
                        non_expert_bytes=non_expert_bytes(loaded))

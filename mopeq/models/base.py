@@ -280,12 +280,14 @@ class MoEAdapter:
         head = self.model.get_output_embeddings() if hasattr(self.model, "get_output_embeddings") else None
         return head if head is not None else self.model.language.lm_head  # mopeq's VLM wrappers
 
-    def last_hidden_loss(self, batch: dict, hidden: torch.Tensor) -> torch.Tensor:
-        """Mean next-token cross-entropy from the last layer's output (the same rule as ``loss``); GraniteMoe
-        divides its logits by ``logits_scaling``."""
+    def last_hidden_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits from the last layer's output (final norm, head; GraniteMoe divides by ``logits_scaling``)."""
         logits = self.output_head()(self.decoder_stack().norm(hidden))
-        logits = logits / float(getattr(self.language_config(), "logits_scaling", 1.0))
-        return self._cross_entropy(batch, logits)
+        return logits / float(getattr(self.language_config(), "logits_scaling", 1.0))
+
+    def last_hidden_loss(self, batch: dict, hidden: torch.Tensor) -> torch.Tensor:
+        """Mean next-token cross-entropy from the last layer's output (the same rule as ``loss``)."""
+        return self._cross_entropy(batch, self.last_hidden_logits(hidden))
 
     def forward(self, batch: dict) -> torch.Tensor:
         """Logits for one calibration batch ``{"input_ids": [B, T], ...}``."""

@@ -58,3 +58,30 @@ def test_resume_skips_finished_layers(tiny_dir, calib, tmp_path):
     assert (tmp_path / "a.json").read_bytes() == (tmp_path / "b.json").read_bytes()
     with pytest.raises(InputError, match="different model, calibration or settings"):
         profile_streamed(tiny_dir, batches, info, bits=(2, 3), group_size=8, checkpoint_dir=ckpt)
+
+
+@pytest.mark.parametrize("sources", [("fisher",), ("gauss-newton",)])
+def test_streamed_curvature_equals_in_memory(tiny_dir, calib, sources, tmp_path):
+    """The backward sweep (one layer resident) gives the in-memory traces with the same seed, boundary
+    activations kept in RAM or in a scratch folder."""
+    batches, info = calib
+    batches = batches[:2]
+    kw = dict(bits=(2, 4), group_size=8, seed=3)
+    full = profile_model(open_model(tiny_dir), batches, info, progress=False, curvature=sources, probes=8,
+                         tolerance=0.0, **kw)
+    for boundaries in (None, tmp_path / "scratch"):
+        streamed, _ = profile_streamed(tiny_dir, batches, info, curvature=sources, probes=8, tolerance=0.0,
+                                       boundaries=boundaries, **kw)
+        assert streamed.meta.settings["curvature"] == list(sources)
+        for a, b in zip(full.experts, streamed.experts):
+            ta, tb = a.trace[sources[0]], b.trace[sources[0]]
+            assert (ta.probes, a.id) == (tb.probes, b.id)
+            assert tb.mean == pytest.approx(ta.mean, rel=1e-4, abs=1e-10)
+            assert tb.stderr == pytest.approx(ta.stderr, rel=1e-3, abs=1e-10)
+            assert b.sensitivity[sources[0]]["2"] == pytest.approx(a.sensitivity[sources[0]]["2"], rel=1e-4, abs=1e-12)
+
+
+def test_streamed_hessian_is_refused_in_one_line(tiny_dir, calib):
+    batches, info = calib
+    with pytest.raises(InputError, match="--curvature hessian: a Hessian-vector product needs forward tangents"):
+        profile_streamed(tiny_dir, batches, info, curvature=("hessian",))

@@ -39,15 +39,26 @@ def test_too_small_for_anything_is_refused_before_loading(tiny_dir, tmp_path, ca
     assert not out.exists()
 
 
-def test_curvature_that_does_not_fit_suggests_streaming(tiny_dir, tmp_path, capsys):
+def test_curvature_that_does_not_fit_streams_with_a_backward_sweep(tiny_dir, tmp_path, capsys):
+    """Fisher / Gauss-Newton under a limit below the in-memory need: layer-streamed, boundaries in RAM when
+    they fit, else in a scratch folder; the Hessian (whole model only) is refused in one line."""
     plain, full = need(tiny_dir, whole_model=False), need(tiny_dir, whole_model=True)
     limit = (plain["in_memory"] + full["in_memory"]) // 2
+    assert plain["streamed"] + plain["layer_backward"] + plain["boundaries"] <= limit < full["in_memory"]
     out = tmp_path / "p.json"
-    assert main(tiny_profile_args(tiny_dir, out) + ["--curvature", "fisher", "--max-memory", limit]) == 2
+    assert main(tiny_profile_args(tiny_dir, out) + ["--curvature", "fisher", "--max-memory", limit]) == 0
+    settings = json.loads(out.read_text())["graph"]["settings"]
+    assert settings["streamed"] is True and settings["curvature"] == ["fisher"]
+    disk = plain["streamed"] + plain["layer_backward"] + plain["boundaries"] - 1
+    capsys.readouterr()
+    assert main(tiny_profile_args(tiny_dir, tmp_path / "d.json") + ["--curvature", "gauss-newton", "--probes", "4",
+                                                                     "--max-memory", disk]) == 0
+    assert "layer inputs do not fit --max-memory; kept in" in capsys.readouterr().out
+    assert main(tiny_profile_args(tiny_dir, tmp_path / "h.json") + ["--curvature", "hessian", "--max-memory", limit]) == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "drop --curvature/--ablation to profile layer-streamed" in err
-    assert not out.exists()
-    assert main(tiny_profile_args(tiny_dir, out) + ["--max-memory", limit]) == 0  # without curvature it fits
+    assert len(err.splitlines()) == 1 and "with hessian needs the whole model" in err and "gauss-newton" in err
+    assert not (tmp_path / "h.json").exists()
+    assert main(tiny_profile_args(tiny_dir, out) + ["--max-memory", limit]) == 0  # without curvature: in memory
     assert "streamed" not in json.loads(out.read_text())["graph"]["settings"]
 
 

@@ -1,0 +1,173 @@
+"""Loss curvature with one decoder layer resident: a backward sweep from the last layer to the first.
+
+The forward sweep of the layer-streamed profiler keeps every layer's input (its *boundary
+activations*: in RAM, or in a scratch folder when they do not fit). A backward sweep then starts at
+the head (resident with everything outside the layers) with one cotangent per *stream* and walks the
+layers down: reload layer ``l``, recompute its forward from the stored input with gradients, backpropagate
+each stream's cotangent, accumulate each expert's squared gradient norms, and hand the input gradient to
+layer ``l - 1``. Peak memory: weights outside the layers + one layer + the boundary activations + one
+stream's graph.
+
+* ``fisher``: one stream per calibration sequence, cotangent ``d (n_s * loss_s) / d h_L``; exact, like
+  ``curvature.fisher_trace``.
+* ``gauss-newton``: one stream per (probe, batch), cotangent from the output gradient
+  ``(sqrt p * u - p <sqrt p, u>) / sqrt M`` through head and final norm; the Rademacher ``u`` are drawn
+  in exactly the in-memory order (``curvature.gauss_newton_probe_block``), so with the same seed the
+  streamed traces equal the in-memory ones up to float rounding. One sweep per probe block; the stopping
+  rule (``curvature.converged``) is checked between blocks, as in memory.
+* ``hessian``: not streamed (a Hessian-vector product needs forward tangents through every layer);
+  ``meta.settings["curvature_unavailable"]`` says so.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from ..models.base import MATRICES, ExpertRef
+from ..schemas import Trace
+from .curvature import (CurvatureSource, expert_blocks, rademacher, sample_batches, scored_tokens, softmax_root_times,
+                        summarize, total_tokens, converged)
+
+STREAMED_SOURCES = (CurvatureSource.FISHER.value, CurvatureSource.GAUSS_NEWTON.value)
+HESSIAN_UNAVAILABLE = ("a Hessian-vector product needs forward tangents through every layer; not computed in "
+                       "layer-streamed mode (use fisher or gauss-newton, or profile in memory)")
+
+
+class BoundaryStore:
+    """Each decoder layer's input for every calibration batch: in RAM, or one safetensors file per layer."""
+
+    def __init__(self, folder: Path | None = None):
+        self.folder = Path(folder) if folder is not None else None
+        self.ram: dict[int, list[torch.Tensor]] = {}
+
+    def put(self, layer: int, hidden: list[torch.Tensor]) -> None:
+        if self.folder is None:
+            self.ram[layer] = [h.detach() for h in hidden]
+            return
+        self.folder.mkdir(parents=True, exist_ok=True)
+        path = self.folder / f"input-{layer:05d}.safetensors"
+        tmp = path.with_name(path.name + ".tmp")
+        save_file({f"batch{i}": h.detach().contiguous() for i, h in enumerate(hidden)}, str(tmp))
+        tmp.replace(path)
+
+    def get(self, layer: int) -> list[torch.Tensor]:
+        if self.folder is None:
+            return self.ram[layer]
+        state = load_file(str(self.folder / f"input-{layer:05d}.safetensors"))
+        return [state[f"batch{i}"] for i in range(len(state))]
+
+    def nbytes(self) -> int:
+        return sum(h.numel() * h.element_size() for hs in self.ram.values() for h in hs)
+
+
+@dataclass
+class Stream:
+    """One backward pass through the layers: which batch (and sequence), its cotangent, where it adds up."""
+
+    batch: int
+    rows: slice | None  # one sequence of the batch (fisher) or the whole batch
+    cotangent: torch.Tensor
+    slot: int  # index into the accumulator (probe for gauss-newton; 0 for fisher)
+
+
+def backward_sweep(streamer, store: BoundaryStore, streams: list[Stream], slots: int) -> dict[ExpertRef, torch.Tensor]:
+    """``{ref: [slots, 3]}`` sums of squared gradient norms per expert matrix, one layer resident at a time."""
+    adapter = streamer.adapter
+    acc: dict[ExpertRef, torch.Tensor] = {}
+    for layer in reversed(range(len(adapter.decoder_layers()))):
+        module = streamer.load_layer(layer)
+        refs = [r for r in adapter.experts() if r.layer == layer]
+        blocks = expert_blocks(adapter, refs) if refs else None
+        params = blocks.params if blocks else []
+        keep = {id(p) for p in params}
+        for p in module.parameters():
+            p.requires_grad_(id(p) in keep)
+        inputs = store.get(layer)
+        sums = torch.zeros(slots, len(refs), len(MATRICES), dtype=torch.float64)
+        with torch.enable_grad():
+            for stream in streams:
+                x = inputs[stream.batch] if stream.rows is None else inputs[stream.batch][stream.rows]
+                x = x.detach().requires_grad_(True)
+                out = streamer.run_layer(layer, x)
+                grads = torch.autograd.grad(out, [x, *params], stream.cotangent, allow_unused=True,
+                                            materialize_grads=True)
+                stream.cotangent = grads[0].detach()
+                if blocks:
+                    sums[stream.slot] += blocks.restrict(lambda g: g.double().pow(2).sum(), list(grads[1:]))
+        for i, ref in enumerate(refs):
+            acc[ref] = sums[:, i]
+        streamer.unload_layer(layer)
+    return acc
+
+
+def head_streams_fisher(streamer, batches, last: list[torch.Tensor]) -> list[Stream]:
+    """One stream per scored sequence: the gradient of its summed token loss at the last hidden state."""
+    streams = []
+    for b, batch in enumerate(batches):
+        for s, sample in enumerate(sample_batches(batch)):
+            n = scored_tokens(sample)
+            if n == 0:
+                continue
+            h = last[b][s:s + 1].detach().requires_grad_(True)
+            with torch.enable_grad():
+                (grad,) = torch.autograd.grad(streamer.loss(sample, h) * n, h)
+            streams.append(Stream(b, slice(s, s + 1), grad, 0))
+    return streams
+
+
+def head_streams_gauss_newton(streamer, batches, last: list[torch.Tensor], k: int,
+                              gen: torch.Generator) -> list[Stream]:
+    """``k`` probes per batch, drawn in the in-memory order; cotangents through head and final norm."""
+    m = total_tokens(batches)
+    streams = []
+    for b, batch in enumerate(batches):
+        h = last[b].detach().requires_grad_(True)
+        with torch.enable_grad():
+            logits, _ = streamer.scored_logits(batch, h)
+            probs = logits.detach().softmax(-1)
+            for j in range(k):
+                u = rademacher(logits, gen)
+                (grad,) = torch.autograd.grad(logits, h, softmax_root_times(probs, u) / math.sqrt(m),
+                                              retain_graph=True)
+                streams.append(Stream(b, None, grad, j))
+    return streams
+
+
+def streamed_curvature(streamer, batches, store: BoundaryStore, last: list[torch.Tensor], sources: list[str],
+                       max_probes: int = 32, tolerance: float = 0.1, block: int = 8,
+                       seed: int = 0) -> dict[str, dict[ExpertRef, Trace]]:
+    """``{source: {ref: Trace}}`` for the streamable sources (see the module docstring)."""
+    out = {}
+    refs = streamer.adapter.experts()
+    for source in sources:
+        if source == CurvatureSource.FISHER.value:
+            acc = backward_sweep(streamer, store, head_streams_fisher(streamer, batches, last), 1)
+            m = total_tokens(batches)
+            out[source] = {r: _fisher_trace(acc[r][0] / m) for r in refs}
+        elif source == CurvatureSource.GAUSS_NEWTON.value:
+            gen = torch.Generator().manual_seed(seed)
+            chunks = []
+            while sum(len(c) for c in chunks) < max_probes:
+                k = min(block, max_probes - sum(len(c) for c in chunks))
+                acc = backward_sweep(streamer, store, head_streams_gauss_newton(streamer, batches, last, k, gen), k)
+                chunks.append(torch.stack([acc[r] for r in refs], 1))  # [k, experts, 3]
+                if converged(torch.cat(chunks), tolerance):
+                    break
+            out[source] = summarize(torch.cat(chunks), refs)
+    return out
+
+
+def _fisher_trace(per_matrix: torch.Tensor) -> Trace:
+    return Trace(mean=float(per_matrix.sum()), stderr=0.0, probes=0,
+                 per_matrix={m: float(per_matrix[j]) for j, m in enumerate(MATRICES)})
+
+
+def scratch_folder(parent: Path | None) -> Path:
+    """Where boundary activations go when they do not fit in RAM: under ``parent`` or a fresh temp folder."""
+    return Path(tempfile.mkdtemp(prefix="mopeq-boundaries-", dir=parent))
