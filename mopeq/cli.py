@@ -168,7 +168,8 @@ def cmd_profile(args) -> None:
         batches = text_file_batches(Path(calib), _tokenizer(directory))
     info = summary(batches, str(calib))
     limit = None if args.max_memory is None else parse_memory(args.max_memory)
-    mode = choose_profile_mode(directory, batches, limit, sources, args.ablation, args.resume is not None)
+    mode = choose_profile_mode(directory, batches, limit, sources, args.ablation, args.resume is not None,
+                               min(args.probes, 8))  # tangents are kept for one block of probes
     if mode == "memory":
         profile = _profile_in_memory(args, batches, info, bits, sources)
     else:

@@ -202,13 +202,13 @@ def _embedding_shape(directory: Path) -> tuple[int, int]:
 
 
 def choose_profile_mode(directory: Path, batches: list[dict], limit: int | None, curvature: list[str],
-                        ablation: bool, resume: bool) -> str:
+                        ablation: bool, resume: bool, probes: int = 8) -> str:
     """``"memory"``, ``"streamed"`` (layer by layer, boundary activations in RAM) or ``"streamed-disk"``
     (boundary activations in a scratch folder); refuse (``InputError``) a profile that cannot fit ``limit``.
 
     Without a limit: streamed only when ``resume``. With one: in memory if it fits; else streamed. Loss
-    curvature streams too (fisher, gauss-newton: a backward sweep); the Hessian and ablation need the
-    whole model.
+    curvature streams too (backward sweeps; the Hessian keeps one tangent per probe beside each boundary);
+    ablation needs the whole model.
     """
     whole = bool(curvature) or ablation
     if limit is None:
@@ -221,18 +221,15 @@ def choose_profile_mode(directory: Path, batches: list[dict], limit: int | None,
                          f"{_size(need['streamed'])} (weights outside the layers {_size(need['outside_layers'])} + "
                          f"largest layer {_size(need['largest_layer'])} + hidden states {_size(need['hidden_states'])}"
                          f"); raise --max-memory or calibrate on fewer tokens")
-    in_memory_only = [c for c in curvature if c == "hessian"] + (["--ablation"] if ablation else [])
-    if in_memory_only and not resume:
-        raise InputError(f"--max-memory {_size(limit)}: profiling {directory} with {', '.join(in_memory_only)} needs "
-                         f"the whole model, about {_size(need['in_memory'])} (weights {_size(need['weights'])} + "
-                         f"activations {_size(need['activations'])} + curvature buffers {_size(need['curvature'])}); "
-                         f"use --curvature fisher or gauss-newton (streamed, about "
-                         f"{_size(need['streamed'] + need['layer_backward'] + need['boundaries'])}), or raise "
-                         f"--max-memory")
+    if ablation and not resume:
+        raise InputError(f"--max-memory {_size(limit)}: profiling {directory} with --ablation needs the whole model, "
+                         f"about {_size(need['in_memory'])} (weights {_size(need['weights'])} + activations "
+                         f"{_size(need['activations'])} + curvature buffers {_size(need['curvature'])}); drop "
+                         f"--ablation (loss curvature streams), or raise --max-memory")
     if not curvature:
         return "streamed"
-    backward = need["streamed"] + need["layer_backward"]
-    if backward + need["boundaries"] <= limit:
+    kept = need["boundaries"] * (1 + (probes if "hessian" in curvature else 0))  # + a tangent per probe
+    if need["streamed"] + need["layer_backward"] + kept <= limit:
         return "streamed"
     return "streamed-disk"
 

@@ -31,6 +31,7 @@ share one forward and first backward per batch.
 
 from __future__ import annotations
 
+import hashlib
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -167,6 +168,27 @@ def rademacher(like: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     return (torch.randint(0, 2, like.shape, generator=gen) * 2 - 1).to(like.dtype)
 
 
+def probe_generator(seed: int, probe: int, layer: int, index: int) -> torch.Generator:
+    """The generator of Hessian probe ``probe`` on expert parameter ``index`` of ``layer``: one per tensor, so
+    the layer-streamed profiler draws, one layer at a time, exactly the probes the in-memory one draws."""
+    digest = hashlib.sha256(f"mopeq-probe/{seed}/{probe}/{layer}/{index}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+
+
+def layer_probe(params: list[torch.Tensor], seed: int, probe: int, layer: int) -> list[torch.Tensor]:
+    """Probe ``probe``'s Rademacher vectors on one layer's expert parameters (``expert_blocks`` order)."""
+    return [rademacher(p, probe_generator(seed, probe, layer, i)) for i, p in enumerate(params)]
+
+
+def probe_keys(adapter, blocks: ExpertBlocks) -> list[tuple[int, int]]:
+    """``(layer, index within the layer's expert parameters)`` of every parameter of ``blocks``."""
+    keys = {}
+    for layer in sorted({r.layer for r in blocks.refs}):
+        per_layer = expert_blocks(adapter, [r for r in blocks.refs if r.layer == layer])
+        keys.update({id(p): (layer, i) for i, p in enumerate(per_layer.params)})
+    return [keys[id(p)] for p in blocks.params]
+
+
 def hessian_probe_block(adapter, batches, blocks: ExpertBlocks, probes: list[list[torch.Tensor]]) -> torch.Tensor:
     """``[len(probes), experts, 3]`` samples ``v_e^T (H v)_e``; one forward + backward per batch for the block."""
     m = total_tokens(batches)
@@ -215,9 +237,16 @@ def hutchinson(adapter, batches, probe_block_fn, max_probes: int = 32, tolerance
 
 def hessian_trace(adapter, batches, max_probes: int = 32, tolerance: float = 0.1, block: int = 8,
                   seed: int = 0, refs=None) -> dict[ExpertRef, Trace]:
-    """Hutchinson ``tr(H_ee)`` of the calibration loss for every expert. Example: ``hessian_trace(a, batches)``."""
+    """Hutchinson ``tr(H_ee)`` of the calibration loss for every expert. Example: ``hessian_trace(a, batches)``.
+
+    Probes are drawn per layer and tensor (``probe_generator``), as the layer-streamed profiler draws them."""
+    drawn = []
+
     def run(adapter, batches, blocks, k, gen):
-        probes = [[rademacher(p, gen) for p in blocks.params] for _ in range(k)]
+        keys = probe_keys(adapter, blocks)
+        probes = [[rademacher(p, probe_generator(seed, len(drawn) + j, *key)) for p, key in zip(blocks.params, keys)]
+                  for j in range(k)]
+        drawn.extend(range(k))
         return hessian_probe_block(adapter, batches, blocks, probes)
     return hutchinson(adapter, batches, run, max_probes, tolerance, block, seed, refs)
 

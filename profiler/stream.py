@@ -6,8 +6,9 @@ shards (``safe_open``), run on the carried hidden states of every calibration ba
 ``RoutingRecorder`` attached, profiled (routing statistics, layer-local trace, quantization error,
 similarity) and sent back to ``meta``. Peak weight memory is the non-layer weights plus one layer.
 
-Loss curvature (``hessian``, ``fisher``, ``gauss-newton``) needs a backward pass through the whole
-model and is *not available* in this mode: ``meta.settings["curvature_unavailable"]`` says so.
+Loss curvature (``hessian``, ``fisher``, ``gauss-newton``) streams too: every layer's input is kept
+(RAM or a scratch folder) and backward sweeps walk the layers from the last to the first, one resident
+at a time (``stream_curvature``); the traces equal the in-memory ones for the same seed.
 
 Resume: with ``checkpoint_dir`` every finished layer writes ``layer-NNNNN.json`` (its nodes and
 edges) after ``hidden-NNNNN.safetensors`` (the hidden states after it), both atomically (temporary
@@ -195,14 +196,11 @@ def profile_streamed(path, batches: list[dict], calibration: dict, bits=(2, 3, 4
                      boundaries: Path | None = None) -> tuple[Profile, StreamStats]:
     """Profile ``path`` layer by layer (see module docstring). Example: ``profile_streamed(dir, batches, summary)``.
 
-    ``curvature``: ``fisher`` / ``gauss-newton`` by a backward sweep (``stream_curvature``); each layer's input
+    ``curvature``: ``hessian`` / ``fisher`` / ``gauss-newton`` by backward sweeps (``stream_curvature``); each layer's input
     is kept in RAM, or under ``boundaries`` (a folder) when given, and under ``checkpoint_dir`` when resuming.
     """
-    from .stream_curvature import HESSIAN_UNAVAILABLE, STREAMED_SOURCES, BoundaryStore, streamed_curvature
+    from .stream_curvature import BoundaryStore, streamed_curvature
 
-    unstreamable = [c for c in curvature if c not in STREAMED_SOURCES]
-    if unstreamable:
-        raise InputError(f"--curvature {','.join(unstreamable)}: {HESSIAN_UNAVAILABLE}")
     torch.manual_seed(seed)
     streamer = LayerStreamer(path)
     loaded = LoadedModel(streamer.model, streamer.adapter, streamer.config, _model_id(path, streamer.config),
@@ -263,15 +261,13 @@ def _final_loss(streamer, batches, hidden) -> float:
 
 
 def _assemble(loaded, done, calibration, settings, loss, traces: dict) -> Profile:
-    from .stream_curvature import HESSIAN_UNAVAILABLE
-
     nodes = [ExpertNode(**n) for layer in sorted(done) for n in done[layer]["nodes"]]
     for node in nodes:
         for source, by_ref in traces.items():
             node.trace[source] = by_ref[ExpertRef(node.layer, node.expert, node.shared)]
         add_sensitivity(node)
     edges = [tuple(e) for layer in sorted(done) for e in done[layer]["edges"]]
-    settings = dict(settings, streamed=True, curvature_unavailable={"hessian": HESSIAN_UNAVAILABLE})
+    settings = dict(settings, streamed=True)
     meta = ProfileMeta(model_id=loaded.model_id, family=loaded.adapter.family, config_hash=loaded.config_hash,
                        calibration=dict(calibration, loss=loss), settings=settings, top_k=loaded.adapter.top_k(),
                        non_expert_bytes=non_expert_bytes(loaded))

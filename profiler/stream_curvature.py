@@ -15,8 +15,11 @@ stream's graph.
   in exactly the in-memory order (``curvature.gauss_newton_probe_block``), so with the same seed the
   streamed traces equal the in-memory ones up to float rounding. One sweep per probe block; the stopping
   rule (``curvature.converged``) is checked between blocks, as in memory.
-* ``hessian``: not streamed (a Hessian-vector product needs forward tangents through every layer);
-  ``meta.settings["curvature_unavailable"]`` says so.
+* ``hessian``: Hutchinson ``v^T H v`` per expert, with the probes ``curvature.layer_probe`` draws (the
+  in-memory ones, tensor by tensor). A forward sweep carries each probe's tangent ``t_l`` (stored beside
+  the boundary activations); at the head the gradient ``g_L`` and its tangent ``H_out t_L``; the backward
+  sweep differentiates each layer's pullback along ``(v_l, t_l, dg_{l+1})``: its parameter part is
+  ``(H v)_l``, its input part the tangent handed down (see ``hessian_block``).
 """
 
 from __future__ import annotations
@@ -31,12 +34,10 @@ from safetensors.torch import load_file, save_file
 
 from ..models.base import MATRICES, ExpertRef
 from ..schemas import Trace
-from .curvature import (CurvatureSource, expert_blocks, rademacher, sample_batches, scored_tokens, softmax_root_times,
-                        summarize, total_tokens, converged)
+from .curvature import (CurvatureSource, converged, expert_blocks, layer_probe, rademacher, sample_batches,
+                        scored_tokens, softmax_root_times, summarize, total_tokens)
 
-STREAMED_SOURCES = (CurvatureSource.FISHER.value, CurvatureSource.GAUSS_NEWTON.value)
-HESSIAN_UNAVAILABLE = ("a Hessian-vector product needs forward tangents through every layer; not computed in "
-                       "layer-streamed mode (use fisher or gauss-newton, or profile in memory)")
+STREAMED_SOURCES = tuple(s.value for s in CurvatureSource)
 
 
 class BoundaryStore:
@@ -150,6 +151,14 @@ def streamed_curvature(streamer, batches, store: BoundaryStore, last: list[torch
             acc = backward_sweep(streamer, store, head_streams_fisher(streamer, batches, last), 1)
             m = total_tokens(batches)
             out[source] = {r: _fisher_trace(acc[r][0] / m) for r in refs}
+        elif source == CurvatureSource.HESSIAN.value:
+            chunks = []
+            while (done := sum(len(c) for c in chunks)) < max_probes:
+                k = min(block, max_probes - done)
+                chunks.append(hessian_block(streamer, batches, store, last, range(done, done + k), seed))
+                if converged(torch.cat(chunks), tolerance):
+                    break
+            out[source] = summarize(torch.cat(chunks), refs)
         elif source == CurvatureSource.GAUSS_NEWTON.value:
             gen = torch.Generator().manual_seed(seed)
             chunks = []
@@ -160,6 +169,84 @@ def streamed_curvature(streamer, batches, store: BoundaryStore, last: list[torch
                 if converged(torch.cat(chunks), tolerance):
                     break
             out[source] = summarize(torch.cat(chunks), refs)
+    return out
+
+
+# --- Hessian: forward tangents, then the derivative of each layer's pullback ----------------------------
+
+def _resident(adapter, layer: int, refs, probes: range, seed: int):
+    """The resident layer's expert parameters (only they require grad), blocks, and each probe's vectors."""
+    module = adapter.decoder_layers()[layer]
+    blocks = expert_blocks(adapter, refs) if refs else None
+    params = blocks.params if blocks else []
+    keep = {id(p) for p in params}
+    for p in module.parameters():
+        p.requires_grad_(id(p) in keep)
+    return params, blocks, [layer_probe(params, seed, j, layer) for j in probes]
+
+
+def _dot(xs, ys) -> torch.Tensor:
+    return sum((x * y).sum() for x, y in zip(xs, ys))
+
+
+def _grads(outputs, inputs, cotangent, **kw):
+    return torch.autograd.grad(outputs, inputs, cotangent, allow_unused=True, materialize_grads=True, **kw)
+
+
+def hessian_block(streamer, batches, store: BoundaryStore, last, probes: range, seed: int) -> torch.Tensor:
+    """``[len(probes), experts, 3]`` samples ``v_e^T (H v)_e``, equal to ``curvature.hessian_probe_block``.
+
+    Per layer and batch one forward and one backward with ``create_graph`` serve every probe: the forward
+    tangent ``t_{l+1} = J_theta v + J_x t_l`` is the derivative, in a dummy cotangent ``u``, of ``<a(u), (t_l, v)>``
+    with ``a(u) = J^T u``; going down, with ``phi = <f(theta, x), g>`` the derivative of the pullback along
+    ``(v, t_l, dg)`` is ``Hess(phi) (v, t_l) + J^T dg``: its parameter part is ``(H v)_l``, its input part
+    ``dg_l``."""
+    adapter = streamer.adapter
+    refs_all = adapter.experts()
+    layers, k = len(adapter.decoder_layers()), len(probes)
+    tangents = BoundaryStore(store.folder / "tangents" if store.folder else None)
+    t = [torch.zeros_like(h) for h in last for _ in probes]  # [batch * k]: the embedding has no experts
+    out = torch.zeros(k, len(refs_all), len(MATRICES), dtype=torch.float64)
+    with torch.enable_grad():
+        for layer in range(layers):  # forward: the tangent of every (batch, probe)
+            streamer.load_layer(layer)
+            tangents.put(layer, t)
+            params, _, vs = _resident(adapter, layer, [r for r in refs_all if r.layer == layer], probes, seed)
+            for b, x in enumerate(store.get(layer)):
+                x = x.detach().requires_grad_(True)
+                y = streamer.run_layer(layer, x)
+                u = torch.zeros_like(y, requires_grad=True)
+                a = _grads(y, [x, *params], u, create_graph=True)
+                for j in range(k):
+                    t[b * k + j] = _grads(_dot(a, [t[b * k + j], *vs[j]]), [u], None, retain_graph=True)[0].detach()
+            streamer.unload_layer(layer)
+        m, g, dg = total_tokens(batches), [], []
+        for b, batch in enumerate(batches):  # the head: gradient and its tangent H_out t_L
+            h = last[b].detach().requires_grad_(True)
+            (gb,) = _grads(streamer.loss(batch, h) * (scored_tokens(batch) / m), [h], None, create_graph=True)
+            g.append(gb.detach())
+            dg += [_grads(_dot([gb], [t[b * k + j]]), [h], None, retain_graph=True)[0].detach() for j in range(k)]
+        for layer in reversed(range(layers)):  # backward: the pullback and its derivative
+            streamer.load_layer(layer)
+            refs = [r for r in refs_all if r.layer == layer]
+            params, blocks, vs = _resident(adapter, layer, refs, probes, seed)
+            ts = tangents.get(layer)
+            for b, x in enumerate(store.get(layer)):
+                x = x.detach().requires_grad_(True)
+                y = streamer.run_layer(layer, x)
+                pull = _grads(y, [x, *params], g[b], create_graph=True)
+                for j in range(k):
+                    i = b * k + j
+                    second = _grads(_dot(pull, [ts[i], *vs[j]]), [x, *params], None, retain_graph=True)
+                    first = _grads(y, [x, *params], dg[i], retain_graph=True)
+                    dg[i] = (second[0] + first[0]).detach()
+                    if blocks:
+                        hv = [(s_ + f_).detach() for s_, f_ in zip(second[1:], first[1:])]
+                        lo = refs_all.index(refs[0])
+                        out[j, lo:lo + len(refs)] += blocks.restrict(lambda v, w: (v.double() * w.double()).sum(),
+                                                                     vs[j], hv)
+                g[b] = pull[0].detach()
+            streamer.unload_layer(layer)
     return out
 
 

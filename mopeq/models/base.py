@@ -264,16 +264,20 @@ class MoEAdapter:
         core = self.decoder_stack()
         return core.embed_tokens(batch["input_ids"]) * float(getattr(self.language_config(), "embedding_multiplier", 1.0))
 
-    def run_layer(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
-        """Decoder layer ``layer`` on ``hidden`` ``[B, T, H]`` with the causal mask and rotary embeddings."""
+    def layer_kwargs(self, hidden: torch.Tensor) -> dict:
+        """What a decoder layer takes beside ``hidden`` ``[B, T, H]``: causal mask, positions, rotary embeddings."""
         from transformers.masking_utils import create_causal_mask
 
         core = self.decoder_stack()
         pos = torch.arange(hidden.shape[1])[None]
         mask = create_causal_mask(config=core.config, inputs_embeds=hidden, attention_mask=None, cache=None,
                                   position_ids=pos)
-        out = self.decoder_layers()[layer](hidden, attention_mask=mask, position_ids=pos,
-                                           position_embeddings=core.rotary_emb(hidden, pos), use_cache=False)
+        return dict(attention_mask=mask, position_ids=pos, position_embeddings=core.rotary_emb(hidden, pos),
+                    use_cache=False)
+
+    def run_layer(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
+        """Decoder layer ``layer`` on ``hidden`` ``[B, T, H]``."""
+        out = self.decoder_layers()[layer](hidden, **self.layer_kwargs(hidden))
         return out[0] if isinstance(out, tuple) else out
 
     def output_head(self) -> nn.Module:

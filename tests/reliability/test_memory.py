@@ -40,8 +40,8 @@ def test_too_small_for_anything_is_refused_before_loading(tiny_dir, tmp_path, ca
 
 
 def test_curvature_that_does_not_fit_streams_with_a_backward_sweep(tiny_dir, tmp_path, capsys):
-    """Fisher / Gauss-Newton under a limit below the in-memory need: layer-streamed, boundaries in RAM when
-    they fit, else in a scratch folder; the Hessian (whole model only) is refused in one line."""
+    """Curvature under a limit below the in-memory need: layer-streamed, boundaries in RAM when they fit, else
+    in a scratch folder; ablation (whole model only) is refused in one line."""
     plain, full = need(tiny_dir, whole_model=False), need(tiny_dir, whole_model=True)
     limit = (plain["in_memory"] + full["in_memory"]) // 2
     assert plain["streamed"] + plain["layer_backward"] + plain["boundaries"] <= limit < full["in_memory"]
@@ -54,9 +54,9 @@ def test_curvature_that_does_not_fit_streams_with_a_backward_sweep(tiny_dir, tmp
     assert main(tiny_profile_args(tiny_dir, tmp_path / "d.json") + ["--curvature", "gauss-newton", "--probes", "4",
                                                                      "--max-memory", disk]) == 0
     assert "layer inputs do not fit --max-memory; kept in" in capsys.readouterr().out
-    assert main(tiny_profile_args(tiny_dir, tmp_path / "h.json") + ["--curvature", "hessian", "--max-memory", limit]) == 2
+    assert main(tiny_profile_args(tiny_dir, tmp_path / "h.json") + ["--ablation", "--max-memory", limit]) == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "with hessian needs the whole model" in err and "gauss-newton" in err
+    assert len(err.splitlines()) == 1 and "with --ablation needs the whole model" in err
     assert not (tmp_path / "h.json").exists()
     assert main(tiny_profile_args(tiny_dir, out) + ["--max-memory", limit]) == 0  # without curvature: in memory
     assert "streamed" not in json.loads(out.read_text())["graph"]["settings"]
