@@ -117,6 +117,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("model", help="seed model name, config.json, or model directory")
     s.add_argument("--spec", type=Path, required=True, help="YAML budget spec (see specs/)")
     s.add_argument("--seed", type=int, default=0, help="seed of the synthetic sensitivities (default: %(default)s)")
+    s.add_argument("--calib-tokens", type=int, default=128 * 512,
+                   help="calibration tokens the memory estimate assumes (default: %(default)s)")
     s.add_argument("--json", action="store_true", help="print the result as JSON")
 
     s = sub.add_parser("demo", help="run the whole chain on the built-in demo model and print one table",
@@ -429,13 +431,18 @@ def cmd_demo(args) -> None:
 def cmd_estimate(args) -> None:
     from .estimate import estimate
 
-    r = estimate(args.model, args.spec, args.seed)
+    r = estimate(args.model, args.spec, args.seed, args.calib_tokens)
     if args.json:
         print(json.dumps(r))
         return
     print(f"{r['model']}: {r['moe_layers']} MoE layers x {r['experts_per_layer']} experts (top-{r['top_k']}); "
           f"experts {r['experts_bf16_gb']:.2f} GB bf16 -> {r['experts_planned_gb']:.2f} GB at {r['avg_bits']:.2f} bits; "
           f"whole model {r['total_bf16_gb']:.2f} GB -> {r['total_planned_gb']:.2f} GB ({r['solver']})")
+    m = r["memory_gb"]
+    print(f"memory (GB, calibration of {args.calib_tokens} tokens): profile in memory {m['profile_in_memory']:.2f} "
+          f"(with curvature {m['profile_in_memory_curvature']:.2f}), layer-streamed {m['profile_streamed']:.2f} "
+          f"(with curvature {m['profile_streamed_curvature']:.2f}, or {m['profile_streamed_curvature_disk']:.2f} with "
+          f"layer inputs on disk); compile {m['compile']:.2f}; run {m['run']:.2f}")
 
 
 COMMANDS = {"profile": cmd_profile, "plan": cmd_plan, "compile": cmd_compile, "run": cmd_run,

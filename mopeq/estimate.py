@@ -37,6 +37,9 @@ class MoEShape:
     top_k: int
     matrices: dict[str, dict[str, list[int]]]  # expert id -> {gate, up, down: [out, in]}
     non_expert_params: int
+    layer_params: list[int]  # every decoder layer's parameters
+    vocab: int
+    hidden: int
 
 
 def read_named_config(name: str) -> tuple[str, dict, Path]:
@@ -68,7 +71,31 @@ def moe_shape(config: dict, where: str | Path = "config") -> MoEShape:
     expert_params = sum(int(np.prod(s)) for shapes in matrices.values() for s in shapes.values())
     total = sum(p.numel() for p in adapter.model.parameters()) + adapter.unbuilt_params()
     layers = adapter.moe_layers()
-    return MoEShape(layers, adapter.num_experts(layers[0]), adapter.top_k(), matrices, total - expert_params)
+    per_layer = [sum(p.numel() for p in layer.parameters()) for layer in adapter.decoder_layers()]
+    vocab, hidden = adapter.decoder_stack().embed_tokens.weight.shape
+    return MoEShape(layers, adapter.num_experts(layers[0]), adapter.top_k(), matrices, total - expert_params,
+                    per_layer, int(vocab), int(hidden))
+
+
+def memory_gb(shape: MoEShape, planned_expert_bytes: int, calib_tokens: int, batch_tokens: int) -> dict[str, float]:
+    """What each step needs in memory (GB), by the rules ``--max-memory`` plans with (``safety.memory_needs``):
+    profile in memory (float32) and layer-streamed, each without and with loss curvature (fisher / gauss-newton;
+    the Hessian adds one tangent per probe of a block to the kept layer inputs), compile (one layer's source
+    experts + its packed output) and run (the artifact: packed experts + 16-bit rest)."""
+    from .safety import memory_needs
+
+    total = shape.non_expert_params + sum(n * k for s in shape.matrices.values() for n, k in s.values())
+    plain, full = (memory_needs(shape.layer_params, total, shape.vocab, shape.hidden, batch_tokens, calib_tokens, w)
+                   for w in (False, True))
+    streamed_curvature = plain["streamed"] + plain["layer_backward"]
+    per_layer_experts = max(shape.layer_params) * 2  # bf16 source
+    layers = max(len(shape.moe_layers), 1)
+    return {"profile_in_memory": plain["in_memory"] / 1e9, "profile_in_memory_curvature": full["in_memory"] / 1e9,
+            "profile_streamed": plain["streamed"] / 1e9,
+            "profile_streamed_curvature": (streamed_curvature + plain["boundaries"]) / 1e9,
+            "profile_streamed_curvature_disk": streamed_curvature / 1e9,
+            "compile": (per_layer_experts + planned_expert_bytes / layers) / 1e9,
+            "run": (planned_expert_bytes + 2 * shape.non_expert_params) / 1e9}
 
 
 def synthetic_profile(shape: MoEShape, model_id: str, config: dict, bits: list[int], group_size: int,
@@ -97,8 +124,10 @@ def _node(ref, shapes, bits, group_size, symmetric, rng) -> ExpertNode:
                       sensitivity={SOURCE: {b: s * p for b, p in perturbation.items()}})
 
 
-def estimate(name: str, spec_path: Path, seed: int = 0) -> dict:
-    """Plan ``name`` under the spec from a synthetic profile; sizes in GB (1e9 bytes)."""
+def estimate(name: str, spec_path: Path, seed: int = 0, calib_tokens: int = 128 * 512,
+             batch_tokens: int = 4 * 512) -> dict:
+    """Plan ``name`` under the spec from a synthetic profile; sizes in GB (1e9 bytes); ``memory_gb``: what each
+    step needs for a calibration of ``calib_tokens`` tokens in batches of ``batch_tokens``."""
     from .planner import load_spec, make_plan
 
     model_id, config, where = read_named_config(name)
@@ -114,4 +143,5 @@ def estimate(name: str, spec_path: Path, seed: int = 0) -> dict:
             "top_k": shape.top_k, "experts_bf16_gb": expert_bf16 / 1e9, "experts_planned_gb": plan.totals["bytes"] / 1e9,
             "avg_bits": plan.totals["avg_bits"], "non_expert_bf16_gb": dense / 1e9,
             "total_bf16_gb": (expert_bf16 + dense) / 1e9, "total_planned_gb": (plan.totals["bytes"] + dense) / 1e9,
-            "solver": f"{plan.solver.backend} {plan.solver.status} gap {plan.solver.gap:.1e}"}
+            "solver": f"{plan.solver.backend} {plan.solver.status} gap {plan.solver.gap:.1e}",
+            "memory_gb": memory_gb(shape, plan.totals["bytes"], calib_tokens, batch_tokens)}

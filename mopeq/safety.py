@@ -160,38 +160,46 @@ def _is_count(value: Any) -> bool:
 # --- memory a profile needs ------------------------------------------------------------------------------
 
 def profile_memory(directory: Path, batches: list[dict], whole_model: bool) -> dict[str, int]:
-    """Estimated peak bytes of ``mopeq profile``, from safetensors headers only (nothing loaded).
-
-    ``in_memory``: float32 weights + activations of one batch (+ curvature buffers when
-    ``whole_model``: gradient, probe and Hessian-vector product per weight, and the activations every
-    layer keeps for the double backward). ``streamed``: weights outside the decoder layers + the
-    largest layer + the hidden states carried for every calibration batch + one batch's activations.
-    ``boundaries``: every layer's input for every batch, which a streamed curvature profile keeps (in
-    RAM, or in a scratch folder: then one layer's worth is read back at a time); ``layer_backward``: the
-    gradients and graph of one layer during the backward sweep.
-    """
+    """Estimated peak bytes of ``mopeq profile`` on ``directory``, from safetensors headers only (nothing loaded);
+    see ``memory_needs``."""
     import re
 
     numel = {k: math.prod(e["shape"]) for p in sorted(set(checkpoint_shards(directory).values()))
              for k, e in check_safetensors(p).items()}
-    layer_of = {k: m.group(1) for k in numel if (m := re.search(r"\.layers\.(\d+)\.", k))}
     per_layer: dict[str, int] = {}
-    for key, layer in layer_of.items():
-        per_layer[layer] = per_layer.get(layer, 0) + 4 * numel[key]
-    weights = 4 * sum(numel.values())
+    for key, count in numel.items():
+        if (m := re.search(r"\.layers\.(\d+)\.", key)):
+            per_layer[m.group(1)] = per_layer.get(m.group(1), 0) + count
     vocab, hidden = _embedding_shape(directory)
     batch_tokens = max((int(b["input_ids"].numel()) for b in batches), default=0)
     all_tokens = sum(int(b["input_ids"].numel()) for b in batches)
+    return memory_needs(list(per_layer.values()), sum(numel.values()), vocab, hidden, batch_tokens, all_tokens,
+                        whole_model)
+
+
+def memory_needs(layer_params: list[int], total_params: int, vocab: int, hidden: int, batch_tokens: int,
+                 all_tokens: int, whole_model: bool) -> dict[str, int]:
+    """Estimated peak bytes of a profile (float32 weights), from parameter counts per decoder layer.
+
+    ``in_memory``: weights + activations of one batch (+ curvature buffers when ``whole_model``:
+    gradient, probe and Hessian-vector product per weight, and the activations every layer keeps for the
+    double backward). ``streamed``: weights outside the decoder layers + the largest layer + the hidden
+    states carried for every calibration batch + one batch's activations. ``boundaries``: every layer's
+    input for every batch, which a streamed curvature profile keeps (in RAM, or in a scratch folder: then
+    one layer's worth is read back at a time); ``layer_backward``: the gradients and graph of one layer
+    during a backward sweep.
+    """
+    weights = 4 * total_params
+    layers = max(len(layer_params), 1)
     activations = 4 * batch_tokens * (2 * vocab + 16 * hidden)
-    curvature = 3 * weights + 2 * 4 * batch_tokens * 16 * hidden * max(len(per_layer), 1) if whole_model else 0
-    largest = max(per_layer.values(), default=weights)
+    curvature = 3 * weights + 2 * 4 * batch_tokens * 16 * hidden * layers if whole_model else 0
+    largest = 4 * max(layer_params, default=total_params)
+    outside = weights - 4 * sum(layer_params)
     hidden_states = 2 * 4 * all_tokens * hidden
-    streamed = weights - sum(per_layer.values()) + largest + hidden_states + activations
     return {"weights": weights, "activations": activations, "curvature": curvature,
-            "in_memory": weights + activations + curvature,
-            "outside_layers": weights - sum(per_layer.values()), "largest_layer": largest,
-            "hidden_states": hidden_states, "streamed": streamed,
-            "boundaries": 4 * all_tokens * hidden * max(len(per_layer), 1), "layer_backward": 2 * largest}
+            "in_memory": weights + activations + curvature, "outside_layers": outside, "largest_layer": largest,
+            "hidden_states": hidden_states, "streamed": outside + largest + hidden_states + activations,
+            "boundaries": 4 * all_tokens * hidden * layers, "layer_backward": 2 * largest}
 
 
 def _embedding_shape(directory: Path) -> tuple[int, int]:

@@ -154,6 +154,27 @@ def test_estimate_a_local_model_directory_counts_its_module_tree(tmp_path):
     assert (result["moe_layers"], result["experts_per_layer"], result["top_k"]) == (2, 16, 4)
 
 
+def test_estimated_memory_equals_what_max_memory_plans_with(tmp_path):
+    """`mopeq estimate`'s per-step memory (from the meta module tree) is what `--max-memory` computes from the
+    checkpoint's headers, for the same calibration size; run needs the planned artifact."""
+    from mopeq.estimate import estimate
+    from mopeq.safety import profile_memory
+
+    directory = build("mixtral-8x7b", tmp_path / "m")
+    spec = tmp_path / "spec.yaml"
+    spec.write_text("version: 1\nbits: [2, 4]\ngroup_size: 16\nbudget: {avg_bits: 3.0}\nscope: global\n"
+                    "sensitivity: hessian-local\n")
+    result = estimate(str(directory), spec, calib_tokens=6 * 64, batch_tokens=64)
+    batches = [{"input_ids": torch.zeros(1, 64, dtype=torch.long)} for _ in range(6)]
+    plain, full = profile_memory(directory, batches, False), profile_memory(directory, batches, True)
+    memory = result["memory_gb"]
+    assert memory["profile_in_memory"] == pytest.approx(plain["in_memory"] / 1e9)
+    assert memory["profile_in_memory_curvature"] == pytest.approx(full["in_memory"] / 1e9)
+    assert memory["profile_streamed"] == pytest.approx(plain["streamed"] / 1e9)
+    assert memory["run"] == pytest.approx(result["total_planned_gb"])
+    assert memory["profile_streamed_curvature_disk"] < memory["profile_streamed_curvature"]
+
+
 def test_quantized_source_is_refused(tmp_path):
     """DeepSeek-V3 as published (fp8 weights, quantization_config): one line, not a half-read checkpoint."""
     directory = build("deepseek-v3", tmp_path / "m")
