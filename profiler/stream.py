@@ -217,6 +217,9 @@ def profile_streamed(path, batches: list[dict], calibration: dict, bits=(2, 3, 4
     with torch.no_grad():
         if hidden is None:
             hidden = [streamer.embed(b) for b in batches]
+        if curvature and boundaries is not None:
+            check_scratch(Path(boundaries), hidden, len(streamer.adapter.decoder_layers()),
+                          min(probes, 8) if "hessian" in curvature else 0)
         for layer in range(len(streamer.adapter.decoder_layers())):
             if layer in done:
                 continue
@@ -229,8 +232,9 @@ def profile_streamed(path, batches: list[dict], calibration: dict, bits=(2, 3, 4
             if on_layer_done:
                 on_layer_done(layer)
         loss = _final_loss(streamer, batches, hidden)
+    resume = Path(checkpoint_dir) / "curvature" if checkpoint_dir else None
     traces = streamed_curvature(streamer, batches, store, hidden, list(curvature), probes, tolerance,
-                                seed=seed) if curvature else {}
+                                seed=seed, checkpoint=resume) if curvature else {}
     return _assemble(loaded, done, calibration, settings, loss, traces), streamer.stats
 
 
@@ -253,6 +257,19 @@ def _profile_layer(streamer, loaded, layer, batches, hidden, calibration, settin
         edges = [list(e) for e in similarity_edges(streamer.adapter, layer)]
     streamer.unload_layer(layer)
     return nodes, edges, out
+
+
+def check_scratch(folder: Path, hidden: list[torch.Tensor], layers: int, tangents: int) -> None:
+    """Refuse, before any layer runs, a scratch folder without room for every layer's inputs (and tangents)."""
+    import shutil
+
+    need = layers * (1 + tangents) * sum(h.numel() * h.element_size() for h in hidden)
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    free = shutil.disk_usage(existing).free
+    if free < need:
+        raise InputError(f"{folder}: {free / 2**30:.2f} GiB free, the layer inputs kept for the curvature sweeps need "
+                         f"about {need / 2**30:.2f} GiB; free space, use another --resume folder, or calibrate on "
+                         f"fewer tokens")
 
 
 def _final_loss(streamer, batches, hidden) -> float:

@@ -67,6 +67,65 @@ class BoundaryStore:
         return sum(h.numel() * h.element_size() for hs in self.ram.values() for h in hs)
 
 
+class SweepCheckpoint:
+    """Resume points of the curvature sweeps under ``folder`` (``--resume DIR/curvature``); None: no files.
+
+    Each finished probe block (or the Fisher sweep) is ``{tag}.safetensors`` (its samples); inside a
+    backward sweep, every finished layer writes its sums ``{tag}-sums-NNNNN`` first, then replaces
+    ``{tag}-cotangents`` (the streams' cotangents, tagged with the layer: the commit point), both
+    atomically; a rerun continues below the last finished layer."""
+
+    def __init__(self, folder: Path | None):
+        self.folder = Path(folder) if folder is not None else None
+
+    def _write(self, name: str, tensors: dict, meta: dict | None = None) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        path = self.folder / f"{name}.safetensors"
+        tmp = path.with_name(path.name + ".tmp")
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), meta)
+        tmp.replace(path)
+
+    def _read(self, name: str) -> dict | None:
+        path = self.folder / f"{name}.safetensors" if self.folder else None
+        return load_file(str(path)) if path is not None and path.is_file() else None
+
+    def block(self, tag: str) -> torch.Tensor | None:
+        found = self._read(tag)
+        return None if found is None else found["samples"]
+
+    def finish_block(self, tag: str, samples: torch.Tensor) -> torch.Tensor:
+        if self.folder is not None:
+            self._write(tag, {"samples": samples})
+            for path in self.folder.glob(f"{tag}-*.safetensors"):
+                path.unlink()
+        return samples
+
+    def resume_sweep(self, tag: str, streams: list["Stream"]) -> tuple[int | None, dict[int, torch.Tensor]]:
+        """The lowest finished layer of sweep ``tag`` (None: none) with every finished layer's sums; the streams'
+        cotangents are set to where it stopped."""
+        saved = self._read(f"{tag}-cotangents")
+        if saved is None:
+            return None, {}
+        from safetensors import safe_open
+
+        with safe_open(str(self.folder / f"{tag}-cotangents.safetensors"), "pt") as f:
+            lowest = int(f.metadata()["layer"])
+        for i, stream in enumerate(streams):
+            stream.cotangent = saved[f"s{i}"]
+        sums = {}
+        for path in self.folder.glob(f"{tag}-sums-*.safetensors"):
+            layer = int(path.stem.rsplit("-", 1)[1])
+            if layer >= lowest:
+                sums[layer] = load_file(str(path))["sums"]
+        return lowest, sums
+
+    def finish_layer(self, tag: str, layer: int, sums: torch.Tensor, streams: list["Stream"]) -> None:
+        if self.folder is None:
+            return
+        self._write(f"{tag}-sums-{layer:05d}", {"sums": sums})
+        self._write(f"{tag}-cotangents", {f"s{i}": s.cotangent for i, s in enumerate(streams)}, {"layer": str(layer)})
+
+
 @dataclass
 class Stream:
     """One backward pass through the layers: which batch (and sequence), its cotangent, where it adds up."""
@@ -77,34 +136,47 @@ class Stream:
     slot: int  # index into the accumulator (probe for gauss-newton; 0 for fisher)
 
 
-def backward_sweep(streamer, store: BoundaryStore, streams: list[Stream], slots: int) -> dict[ExpertRef, torch.Tensor]:
+def backward_sweep(streamer, store: BoundaryStore, streams: list[Stream], slots: int,
+                   checkpoint: SweepCheckpoint | None = None, tag: str = "") -> dict[ExpertRef, torch.Tensor]:
     """``{ref: [slots, 3]}`` sums of squared gradient norms per expert matrix, one layer resident at a time."""
     adapter = streamer.adapter
+    checkpoint = checkpoint or SweepCheckpoint(None)
+    lowest, finished = checkpoint.resume_sweep(tag, streams)
     acc: dict[ExpertRef, torch.Tensor] = {}
     for layer in reversed(range(len(adapter.decoder_layers()))):
-        module = streamer.load_layer(layer)
         refs = [r for r in adapter.experts() if r.layer == layer]
-        blocks = expert_blocks(adapter, refs) if refs else None
-        params = blocks.params if blocks else []
-        keep = {id(p) for p in params}
-        for p in module.parameters():
-            p.requires_grad_(id(p) in keep)
-        inputs = store.get(layer)
-        sums = torch.zeros(slots, len(refs), len(MATRICES), dtype=torch.float64)
-        with torch.enable_grad():
-            for stream in streams:
-                x = inputs[stream.batch] if stream.rows is None else inputs[stream.batch][stream.rows]
-                x = x.detach().requires_grad_(True)
-                out = streamer.run_layer(layer, x)
-                grads = torch.autograd.grad(out, [x, *params], stream.cotangent, allow_unused=True,
-                                            materialize_grads=True)
-                stream.cotangent = grads[0].detach()
-                if blocks:
-                    sums[stream.slot] += blocks.restrict(lambda g: g.double().pow(2).sum(), list(grads[1:]))
+        if lowest is not None and layer >= lowest:
+            sums = finished[layer]
+        else:
+            sums = _layer_sums(streamer, store, streams, slots, layer, refs)
+            checkpoint.finish_layer(tag, layer, sums, streams)
         for i, ref in enumerate(refs):
             acc[ref] = sums[:, i]
-        streamer.unload_layer(layer)
     return acc
+
+
+def _layer_sums(streamer, store: BoundaryStore, streams: list[Stream], slots: int, layer: int, refs) -> torch.Tensor:
+    """``[slots, experts of the layer, 3]``; each stream's cotangent moves to the layer's input."""
+    adapter = streamer.adapter
+    module = streamer.load_layer(layer)
+    blocks = expert_blocks(adapter, refs) if refs else None
+    params = blocks.params if blocks else []
+    keep = {id(p) for p in params}
+    for p in module.parameters():
+        p.requires_grad_(id(p) in keep)
+    inputs = store.get(layer)
+    sums = torch.zeros(slots, len(refs), len(MATRICES), dtype=torch.float64)
+    with torch.enable_grad():
+        for stream in streams:
+            x = inputs[stream.batch] if stream.rows is None else inputs[stream.batch][stream.rows]
+            x = x.detach().requires_grad_(True)
+            out = streamer.run_layer(layer, x)
+            grads = torch.autograd.grad(out, [x, *params], stream.cotangent, allow_unused=True, materialize_grads=True)
+            stream.cotangent = grads[0].detach()
+            if blocks:
+                sums[stream.slot] += blocks.restrict(lambda g: g.double().pow(2).sum(), list(grads[1:]))
+    streamer.unload_layer(layer)
+    return sums
 
 
 def head_streams_fisher(streamer, batches, last: list[torch.Tensor]) -> list[Stream]:
@@ -141,34 +213,39 @@ def head_streams_gauss_newton(streamer, batches, last: list[torch.Tensor], k: in
 
 
 def streamed_curvature(streamer, batches, store: BoundaryStore, last: list[torch.Tensor], sources: list[str],
-                       max_probes: int = 32, tolerance: float = 0.1, block: int = 8,
-                       seed: int = 0) -> dict[str, dict[ExpertRef, Trace]]:
-    """``{source: {ref: Trace}}`` for the streamable sources (see the module docstring)."""
+                       max_probes: int = 32, tolerance: float = 0.1, block: int = 8, seed: int = 0,
+                       checkpoint: Path | None = None) -> dict[str, dict[ExpertRef, Trace]]:
+    """``{source: {ref: Trace}}`` (see the module docstring); ``checkpoint``: a folder to resume from."""
     out = {}
     refs = streamer.adapter.experts()
+    saved = SweepCheckpoint(checkpoint)
     for source in sources:
         if source == CurvatureSource.FISHER.value:
-            acc = backward_sweep(streamer, store, head_streams_fisher(streamer, batches, last), 1)
+            samples = saved.block("fisher")
+            if samples is None:
+                acc = backward_sweep(streamer, store, head_streams_fisher(streamer, batches, last), 1, saved, "fisher")
+                samples = saved.finish_block("fisher", torch.stack([acc[r] for r in refs], 1))
             m = total_tokens(batches)
-            out[source] = {r: _fisher_trace(acc[r][0] / m) for r in refs}
-        elif source == CurvatureSource.HESSIAN.value:
-            chunks = []
-            while (done := sum(len(c) for c in chunks)) < max_probes:
-                k = min(block, max_probes - done)
-                chunks.append(hessian_block(streamer, batches, store, last, range(done, done + k), seed))
-                if converged(torch.cat(chunks), tolerance):
-                    break
-            out[source] = summarize(torch.cat(chunks), refs)
-        elif source == CurvatureSource.GAUSS_NEWTON.value:
-            gen = torch.Generator().manual_seed(seed)
-            chunks = []
-            while sum(len(c) for c in chunks) < max_probes:
-                k = min(block, max_probes - sum(len(c) for c in chunks))
-                acc = backward_sweep(streamer, store, head_streams_gauss_newton(streamer, batches, last, k, gen), k)
-                chunks.append(torch.stack([acc[r] for r in refs], 1))  # [k, experts, 3]
-                if converged(torch.cat(chunks), tolerance):
-                    break
-            out[source] = summarize(torch.cat(chunks), refs)
+            out[source] = {r: _fisher_trace(samples[0, i] / m) for i, r in enumerate(refs)}
+            continue
+        gen = torch.Generator().manual_seed(seed)
+        chunks = []
+        while (done := sum(len(c) for c in chunks)) < max_probes:
+            k = min(block, max_probes - done)
+            tag = f"{source}-probes-{done:05d}"
+            samples = saved.block(tag)
+            if source == CurvatureSource.HESSIAN.value:
+                if samples is None:
+                    samples = hessian_block(streamer, batches, store, last, range(done, done + k), seed)
+            else:
+                streams = head_streams_gauss_newton(streamer, batches, last, k, gen)  # draws u in order, always
+                if samples is None:
+                    acc = backward_sweep(streamer, store, streams, k, saved, tag)
+                    samples = torch.stack([acc[r] for r in refs], 1)  # [k, experts, 3]
+            chunks.append(saved.finish_block(tag, samples))
+            if converged(torch.cat(chunks), tolerance):
+                break
+        out[source] = summarize(torch.cat(chunks), refs)
     return out
 
 

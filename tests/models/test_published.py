@@ -1,5 +1,6 @@
 """Every advertised family from its real published config.json (shrunk only in sizes): profile in memory
-and layer-streamed (equal), plan, compile, load the artifact, and 8-bit logits >= 25 dB SNR."""
+and layer-streamed (equal, loss curvature included), plan, compile, load the artifact, and 8-bit logits
+>= 25 dB SNR."""
 
 from __future__ import annotations
 
@@ -43,15 +44,16 @@ def test_published_config_chain(name, tmp_path):
     loaded = open_model(directory)
     calib = batches()
     info = summary(calib, "random")
-    profile = profile_model(loaded, calib, info, bits=(8,), group_size=16, progress=False)
+    profile = profile_model(loaded, calib, info, bits=(8,), group_size=16, progress=False, curvature=("fisher",))
     assert profile.meta.family == FAMILY[name]
     routed = [e for e in profile.experts if not e.shared]
     assert routed and sum(e.tokens for e in routed) > 0
-    streamed, _ = profile_streamed(directory, calib, info, bits=(8,), group_size=16)
+    streamed, _ = profile_streamed(directory, calib, info, bits=(8,), group_size=16, curvature=("fisher",))
     assert [(e.id, e.tokens) for e in streamed.experts] == [(e.id, e.tokens) for e in profile.experts]
     assert streamed.meta.calibration["loss"] == pytest.approx(profile.meta.calibration["loss"], rel=1e-5)
     for a, b in zip(profile.experts, streamed.experts):
         assert b.perturbation["8"] == pytest.approx(a.perturbation["8"], rel=1e-5)
+        assert b.trace["fisher"].mean == pytest.approx(a.trace["fisher"].mean, rel=1e-3, abs=1e-9)
 
     (tmp_path / "spec.yaml").write_text(SPEC.replace("group_size: 32", "group_size: 16"))
     artifact = compile_artifact(directory, make_plan(load_spec(tmp_path / "spec.yaml"), profile),

@@ -80,3 +80,45 @@ def test_streamed_curvature_equals_in_memory(tiny_dir, calib, sources, tmp_path)
             assert tb.mean == pytest.approx(ta.mean, rel=1e-4, abs=1e-10)
             assert tb.stderr == pytest.approx(ta.stderr, rel=1e-3, abs=1e-10)
             assert b.sensitivity[sources[0]]["2"] == pytest.approx(a.sensitivity[sources[0]]["2"], rel=1e-4, abs=1e-12)
+
+
+def test_curvature_sweep_resumes_below_the_last_finished_layer(tiny_dir, calib, tmp_path, monkeypatch):
+    """Killed inside the backward sweep, a rerun with the same --resume folder redoes no finished layer and
+    writes the same profile as an uninterrupted run."""
+    from mopeq.profiler import stream_curvature
+
+    batches, info = calib
+    batches = batches[:2]
+    kw = dict(bits=(2,), group_size=8, curvature=("gauss-newton",), probes=4, tolerance=0.0)
+    real, calls = stream_curvature._layer_sums, []
+
+    def interrupted(*args, **kwargs):
+        calls.append(args[4])  # the layer
+        if len(calls) == 2:
+            raise Interrupt()
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(stream_curvature, "_layer_sums", interrupted)
+    with pytest.raises(Interrupt):
+        profile_streamed(tiny_dir, batches, info, checkpoint_dir=tmp_path / "ck", **kw)
+    assert calls == [1, 0]
+    calls.clear()
+    resumed, _ = profile_streamed(tiny_dir, batches, info, checkpoint_dir=tmp_path / "ck", **kw)
+    assert calls == [0]  # layer 1 of the sweep was finished before the interruption
+    monkeypatch.setattr(stream_curvature, "_layer_sums", real)
+    fresh, _ = profile_streamed(tiny_dir, batches, info, **kw)
+    write_profile(resumed, tmp_path / "a.json")
+    write_profile(fresh, tmp_path / "b.json")
+    assert (tmp_path / "a.json").read_bytes() == (tmp_path / "b.json").read_bytes()
+
+
+def test_scratch_folder_without_room_is_refused_before_any_layer(tiny_dir, calib, tmp_path, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    batches, info = calib
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(1 << 30, 1 << 30, 1000))
+    with pytest.raises(InputError, match=r"scratch|GiB free, the layer inputs kept for the curvature sweeps need"):
+        profile_streamed(tiny_dir, batches, info, curvature=("fisher",), boundaries=tmp_path / "scratch")
+    assert not (tmp_path / "scratch").exists()
