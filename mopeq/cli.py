@@ -82,6 +82,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--image", default=None, help="demo VLM: held-out image index, or a .npy 8x8 array in [0, 1]; "
                    "DeepSeek-VL2 / MolmoE: an image file (png, jpg, ...)")
     s.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate (default: %(default)s)")
+    s.add_argument("--device", default="cpu", help="where to run: cpu or cuda[:N] (default: %(default)s)")
 
     s = sub.add_parser("eval", help="measure a model or artifact on a task",
                        description="Tasks: 'demo' (held-out perplexity and question accuracy of the demo model), "
@@ -95,6 +96,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--data", type=Path, default=None, help="VQA JSONL file for the vqa task")
     s.add_argument("--reference", default=None, help="unquantized model directory (or 'demo') for the fidelity task")
     s.add_argument("--json", action="store_true", help="print the result as JSON")
+    s.add_argument("--device", default="cpu", help="where to run: cpu or cuda[:N] (default: %(default)s)")
 
     s = sub.add_parser("pareto", help="size vs. measured quality for every allocation method (demo model)",
                        description="Profile once, then for each method, scope and budget of the spec's sweep: plan, "
@@ -277,46 +279,80 @@ def artifact_sizes(directory: Path) -> dict[str, int]:
 
 
 def _collect_grams(args, path: Path) -> Path:
-    """Run ``--calib`` through the model and write its per-expert Grams to ``path``."""
-    from .models import DEMO, open_model
+    """Run ``--calib`` through the model and write its per-expert Grams to ``path``, one decoder layer
+    resident at a time."""
+    from .models import DEMO, read_config, resolve_dir, skeleton
     from .profiler.calibration import demo_batches, text_file_batches
-    from .profiler.gram import grams_for
+    from .profiler.gram import collect_grams_streamed
 
-    loaded = open_model(args.model)
+    directory = resolve_dir(args.model)
+    config = read_config(directory)
+    adapter = skeleton(config, directory)
     if args.calib == DEMO:
-        if not loaded.adapter.is_demo:
+        if not adapter.is_demo:
             raise InputError("--calib demo: only for the demo model")
-        batches = demo_batches(loaded.config)
+        batches = demo_batches(config)
     else:
-        batches = text_file_batches(Path(args.calib), _tokenizer(loaded.directory))
-    grams_for(loaded, batches, path, args.weighting, calibration=str(args.calib))
-    print(f"wrote {path}: Grams of {len(loaded.adapter.experts())} experts", file=sys.stderr)
+        batches = text_file_batches(Path(args.calib), _tokenizer(directory))
+    collect_grams_streamed(args.model, batches, path, args.weighting, calibration=str(args.calib))
+    print(f"wrote {path}: Grams of {len(adapter.experts())} experts", file=sys.stderr)
     return path
 
 
-def _open_any(path: str):
-    """An artifact directory (has mopeq.json) through the runtime, anything else as a model."""
-    if Path(path, "mopeq.json").is_file():
-        from .runtime.load import load
+def _open_any(path: str, device: str = "cpu"):
+    """An artifact directory (has mopeq.json) through the runtime, anything else as a model; on ``device``
+    (checked before anything is read)."""
+    from .runtime.load import load, resolve_device
 
-        return load(path)
+    device = resolve_device(device)
+    if Path(path, "mopeq.json").is_file():
+        return load(path, device=device)
     from .models import open_model
 
-    return open_model(path)
+    loaded = open_model(path)
+    loaded.model.to(device)
+    return loaded
+
+
+def _on_device(loaded):
+    """Callers that build CPU tensors (eval tasks, the demo's ``answer``) run ``loaded.model`` where it lies:
+    tensor inputs move to its device, logits come back to the CPU."""
+    import torch
+
+    device = next(loaded.model.parameters()).device
+    if device.type == "cpu":
+        return loaded
+    move = lambda x: x.to(device) if isinstance(x, torch.Tensor) else x  # noqa: E731
+
+    def inputs(module, args, kwargs):
+        return tuple(map(move, args)), {k: move(v) for k, v in kwargs.items()}
+
+    def outputs(module, args, kwargs, out):
+        if getattr(out, "logits", None) is not None:
+            out.logits = out.logits.cpu()
+        return out
+
+    loaded.model.register_forward_pre_hook(inputs, with_kwargs=True)
+    loaded.model.register_forward_hook(outputs, with_kwargs=True)
+    return loaded
 
 
 def cmd_run(args) -> None:
-    loaded = _open_any(args.artifact)
+    import torch
+
+    loaded = _open_any(args.artifact, args.device)
     if loaded.adapter.is_demo:
-        print(loaded.model.answer(_demo_image(args.image), [args.prompt])[0])
+        print(_on_device(loaded).model.answer(_demo_image(args.image), [args.prompt])[0])
         return
     tok = _tokenizer(loaded.directory)
     if args.image is None:
         inputs = {"input_ids": tok(args.prompt, return_tensors="pt")["input_ids"]}
     else:
         inputs = _image_inputs(loaded, tok, args.prompt, Path(args.image))
+    device = next(loaded.model.parameters()).device
+    inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
     out = loaded.model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False)
-    print(tok.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))
+    print(tok.decode(out[0, inputs["input_ids"].shape[1]:].cpu(), skip_special_tokens=True))
 
 
 def _image_inputs(loaded, tok, prompt: str, image: Path) -> dict:
@@ -352,7 +388,7 @@ def _demo_image(spec: str | None):
 def cmd_eval(args) -> None:
     from . import evaluate
 
-    loaded = _open_any(args.model)
+    loaded = _on_device(_open_any(args.model, args.device))
     is_demo = loaded.adapter.is_demo
     if args.task == "demo" and not is_demo:
         raise InputError("--task demo: only for the demo VLM or its artifacts (its digit set); other models: "
@@ -373,7 +409,7 @@ def cmd_eval(args) -> None:
     else:
         if args.reference is None:
             raise InputError("--reference: required for --task fidelity (the unquantized model directory or 'demo')")
-        reference = _open_any(args.reference)
+        reference = _on_device(_open_any(args.reference, args.device))
         if reference.config_hash != loaded.config_hash:
             raise InputError(f"--reference: {args.reference} is another model than {args.model}")
         result = evaluate.fidelity(loaded, reference, _eval_windows(args, loaded, is_demo), progress=True)

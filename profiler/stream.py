@@ -30,6 +30,7 @@ from safetensors.torch import load_file, save_file
 
 from ..models import LoadedModel, read_config, resolve_dir, skeleton
 from ..models.base import ExpertRef
+from ..models.empty import empty_weights
 from ..schemas import ExpertNode, InputError, Profile, ProfileMeta
 from .curvature import scored_tokens, shift_scored, total_tokens
 from .profile import RoutingRecorder, add_sensitivity, expert_node, non_expert_bytes, similarity_edges
@@ -65,9 +66,8 @@ class LayerStreamer:
     def __init__(self, path):
         self.directory = resolve_dir(path)
         self.config = read_config(self.directory)
-        self.adapter = skeleton(self.config, self.directory, device="meta", dtype=torch.float32)  # as profiled in memory
-        if self.adapter.stream_refusal is not None:
-            raise InputError(f"{self.directory}: {self.adapter.stream_refusal}")
+        # parameters on meta (filled layer by layer), buffers real; float32 as profiled in memory
+        self.adapter = skeleton(self.config, self.directory, dtype=torch.float32, init=empty_weights())
         self.model = self.adapter.model.eval()
         self.reader = CheckpointReader(self.directory)
         self.stats = StreamStats()
@@ -80,22 +80,24 @@ class LayerStreamer:
         keys = [k for k in self.reader.keys if not self.adapter.memory_key(k).startswith(inside)]
         tensors = self.adapter.memory_tensors({k: self.reader.read(k) for k in keys})
         for name, module in self.model.named_modules():
-            if name.startswith(self.layers_prefix) or name == "":
+            if name.startswith(self.layers_prefix):
                 continue
             for pname, _ in list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False)):
-                if f"{name}.{pname}" in tensors:
-                    self._set(module, pname, tensors[f"{name}.{pname}"])
+                key = f"{name}.{pname}" if name else pname
+                if key in tensors:
+                    self._set(module, pname, tensors[key])
         for target, source in (getattr(self.model, "all_tied_weights_keys", None) or {}).items():
             if target not in tensors:  # e.g. lm_head.weight is the embedding: tie it to the loaded tensor
                 owner, _, leaf = target.rpartition(".")
                 setattr(self.model.get_submodule(owner), leaf, self.model.get_parameter(source))
-        core = self.adapter.decoder_stack()
-        core.rotary_emb = type(core.rotary_emb)(core.config)  # non-persistent buffers: rebuild on CPU
+        left = [n for n, p in self.model.named_parameters() if p.is_meta and not n.startswith(inside)]
+        if left:
+            raise InputError(f"{self.directory}: tensor {left[0]} missing from the checkpoint")
         self._track()
 
     def _set(self, module, name: str, value: torch.Tensor) -> None:
         old = getattr(module, name)
-        new = value.to(old.dtype)
+        new = value.to(old.dtype).contiguous()
         if isinstance(old, torch.nn.Parameter):
             new = torch.nn.Parameter(new, requires_grad=old.requires_grad)
         setattr(module, name, new)
@@ -106,25 +108,28 @@ class LayerStreamer:
         self.stats.peak_resident_params = max(self.stats.peak_resident_params, resident)
 
     def load_layer(self, layer: int) -> torch.nn.Module:
-        """Materialise decoder layer ``layer`` from the shards, converted the way the family loads them."""
+        """Materialise decoder layer ``layer``'s parameters (and stored buffers) from the shards, converted the
+        way the family loads them; buffers the layer computes itself (rotary tables) stay as built."""
         module = self.adapter.decoder_layers()[layer]
         prefix = f"{self.layers_prefix}.{layer}."
-        module.to_empty(device="cpu")
-        own = list(module.named_parameters()) + list(module.named_buffers())
         keys = [k for k in self.reader.keys if self.adapter.memory_key(k).startswith(prefix)]
         tensors = self.adapter.memory_tensors({k: self.reader.read(k) for k in keys})
-        self.stats.loaded_tensors += len(keys)
-        with torch.no_grad():
-            for name, tensor in own:
-                if prefix + name not in tensors:
-                    raise InputError(f"{self.directory}: tensor {prefix + name} missing from the checkpoint")
-                tensor.copy_(tensors[prefix + name])
+        stored = set(module.state_dict())
+        for name, _ in list(module.named_parameters()) + [(n, b) for n, b in module.named_buffers() if n in stored]:
+            if prefix + name not in tensors:
+                raise InputError(f"{self.directory}: tensor {prefix + name} missing from the checkpoint")
+            owner, _, leaf = name.rpartition(".")
+            self._set(module.get_submodule(owner), leaf, tensors[prefix + name])
         self.stats.layers_loaded.append(layer)
         self._track()
         return module
 
     def unload_layer(self, layer: int) -> None:
-        self.adapter.decoder_layers()[layer].to("meta")
+        """Parameters back to meta (freed); computed buffers stay."""
+        module = self.adapter.decoder_layers()[layer]
+        for name, p in list(module.named_parameters()):
+            owner, _, leaf = name.rpartition(".")
+            setattr(module.get_submodule(owner), leaf, torch.nn.Parameter(p.to("meta"), requires_grad=p.requires_grad))
 
     # --- running (the family's hooks) -----------------------------------------------------------------
     def embed(self, batch: dict) -> torch.Tensor:

@@ -9,6 +9,7 @@ when importable.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -16,6 +17,8 @@ from torch import nn
 
 from ..compiler import native
 from ..compiler.pack import unpack_int32
+
+DENSE_BYTES = 16 << 20  # dense expert weights the torch path holds at once (a few experts, not a layer)
 
 
 @dataclass
@@ -117,7 +120,8 @@ class QuantizedExperts(nn.Module):
 
 def moe_forward_torch(experts: QuantizedExperts, hidden: torch.Tensor, top_k_index: torch.Tensor,
                       top_k_weights: torch.Tensor) -> torch.Tensor:
-    """Reference/CPU path: tokens grouped by expert; the experts hit are dequantized together, by bucket.
+    """Reference/CPU path: tokens grouped by expert; the experts hit are dequantized together, by bucket, in
+    the activations' dtype, at most ``DENSE_BYTES`` of dense weights at a time (never a whole layer).
 
     hidden ``[T, H]``, top_k_index ``[T, k]`` (int), top_k_weights ``[T, k]`` -> ``[T, H]``.
     """
@@ -128,16 +132,20 @@ def moe_forward_torch(experts: QuantizedExperts, hidden: torch.Tensor, top_k_ind
     token_of = order // top_k_index.shape[1]
     weight_of = top_k_weights.reshape(-1)[order]
     hit = [j for j in range(experts.num_experts) if counts[j]]
-    dense = dequantize_many([experts.experts[j][m] for j in hit for m in ("gate", "up", "down")], hidden.dtype)
     starts = [0]
     for c in counts:
         starts.append(starts[-1] + c)
-    for n, j in enumerate(hit):
-        gate, up, down = dense[3 * n : 3 * n + 3]
-        sel = slice(starts[j], starts[j + 1])
-        x = hidden[token_of[sel]]
-        y = (experts.act_fn(x @ gate.t()) * (x @ up.t())) @ down.t()
-        out.index_add_(0, token_of[sel], y * weight_of[sel, None].to(hidden.dtype))
+    dense_bytes = sum(math.prod(m.shape) for m in experts.experts[0].values()) * hidden.element_size()
+    step = max(1, DENSE_BYTES // dense_bytes)
+    for first in range(0, len(hit), step):
+        chunk = hit[first : first + step]
+        dense = dequantize_many([experts.experts[j][m] for j in chunk for m in ("gate", "up", "down")], hidden.dtype)
+        for n, j in enumerate(chunk):
+            gate, up, down = dense[3 * n : 3 * n + 3]
+            sel = slice(starts[j], starts[j + 1])
+            x = hidden[token_of[sel]]
+            y = (experts.act_fn(x @ gate.t()) * (x @ up.t())) @ down.t()
+            out.index_add_(0, token_of[sel], y * weight_of[sel, None].to(hidden.dtype))
     return out
 
 

@@ -6,6 +6,7 @@ without real weights, which is all the compiler needs to know where experts live
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -94,18 +95,32 @@ def _known_to_transformers(model_type) -> bool:
     return isinstance(model_type, str) and model_type in CONFIG_MAPPING
 
 
-def skeleton(config: dict, where: Path, device: str = "meta", dtype: torch.dtype | None = None) -> MoEAdapter:
+def skeleton(config: dict, where: Path, device: str = "meta", dtype: torch.dtype | None = None,
+             init=None) -> MoEAdapter:
     """An adapter over a weightless module tree (``device="meta"``) built from ``config``; ``dtype``: the
-    parameters' dtype (None: what the config says, else float32)."""
+    parameters' dtype (None: what the config says, else float32); ``init``: a context to build under instead
+    of ``torch.device(device)`` (the runtime's ``empty_weights()``: parameters on meta, buffers real)."""
     cls = adapter_class(config, where)
     try:
-        with torch.device(device):
+        with init if init is not None else torch.device(device), _default_dtype(dtype):
             model = cls.build_model(config, where) if dtype is None else cls.build_model(config, where, dtype)
     except StrictDataclassError as exc:  # transformers' typed config refused a field of config.json
         raise InputError(f"{Path(where) / 'config.json'}: {' '.join(str(exc).split())[:300]}") from None
     adapter = cls(model)
     adapter.source_dir = Path(where)
     return adapter
+
+
+@contextmanager
+def _default_dtype(dtype: torch.dtype | None):
+    """Families built outside transformers' ``from_config`` take their dtype from torch's default, as it does."""
+    previous = torch.get_default_dtype()
+    if dtype is not None:
+        torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
 
 
 def open_model(path: str | Path, dtype: torch.dtype = torch.float32) -> LoadedModel:

@@ -107,7 +107,7 @@ class MoEAdapter:
     zero_ok: frozenset = frozenset()
     is_demo = False  # the built-in demo VLM: its own calibration set and digit task, byte tokens (no tokenizer)
     takes_images = False  # image inputs: calibration folders, `run --image`, `eval --task vqa`
-    stream_refusal: str | None = None  # why layer-streamed profiling cannot read this family's checkpoints
+    runtime_dtype: torch.dtype | None = None  # what its artifacts run in (None: their dense tensors' stored dtype)
     source_dir: Path | None = None  # the model/artifact directory (set by ``open_model`` / ``skeleton``)
 
     @classmethod
@@ -323,6 +323,12 @@ class LanguageAdapter(MoEAdapter):
 
     def language_config(self):
         return self.model.language.config
+
+    def embed_batch(self, batch: dict) -> torch.Tensor:
+        """Text embeddings, with the vision tower's features in their slots when the batch has images."""
+        if batch.get("images") is None:
+            return super().embed_batch(batch)
+        return self.model.image_embeddings(batch["input_ids"], *(batch.get(k) for k in self.image_keys))
 
     def forward(self, batch: dict) -> torch.Tensor:
         images = {k: batch[k] for k in self.image_keys if batch.get(k) is not None}

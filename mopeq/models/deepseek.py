@@ -20,6 +20,7 @@ class DemoAdapter(LanguageAdapter):
     family = "mopeq_demo_vlm"
     is_demo = True
     takes_images = True
+    runtime_dtype = torch.float32  # its weights ship in fp16 only to stay small; it is measured in fp32 everywhere
 
     @classmethod
     def image_batches(cls, folder, config: dict, tokenizer, directory, batch: int) -> list[dict]:

@@ -442,7 +442,7 @@ def to_memory(tensors: dict[str, torch.Tensor], cfg, interleaved: bool) -> dict[
         e = cfg.num_experts
         gate, up = s["w1"].reshape(e, -1, d), s["v1"].reshape(e, -1, d)  # [E, I, d]: rows j*I:(j+1)*I
         out[f"{lm}.layers.{i}.mlp.experts.gate_up_proj"] = torch.cat([gate, up], 1)
-        out[f"{lm}.layers.{i}.mlp.experts.down_proj"] = s["w2"].reshape(e, -1, d).transpose(1, 2)
+        out[f"{lm}.layers.{i}.mlp.experts.down_proj"] = s["w2"].reshape(e, -1, d).transpose(1, 2).contiguous()
     for i, per in experts.items():
         order = [per[j] for j in range(len(per))]
         out[f"{lm}.layers.{i}.mlp.experts.gate_up_proj"] = torch.stack([torch.cat([x["gate"], x["up"]]) for x in order])

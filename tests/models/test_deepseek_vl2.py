@@ -361,15 +361,26 @@ def test_vision_param_count_from_config_matches_the_checkpoint(tiny_models):
     assert vision_params(read_config(directory)) == stored
 
 
-def test_layer_streamed_profiling_refuses_image_batches(tiny_models):
-    from mopeq.profiler.stream import LayerStreamer
+def test_layer_streamed_profiling_with_image_calibration_equals_in_memory(tiny_models):
+    """Images go through the resident vision tower into the first layer's input; the rest streams."""
+    from mopeq.models import open_model
+    from mopeq.profiler.calibration import summary
+    from mopeq.profiler.profile import profile_model
+    from mopeq.profiler.stream import profile_streamed
 
     directory = tiny_models["deepseek_vl2"]
-    streamer = LayerStreamer(directory)
     b = vl2_sample(directory)
-    assert streamer.embed({"input_ids": b["input_ids"]}).shape[:2] == b["input_ids"].shape
-    with pytest.raises(InputError, match="text only"):
-        streamer.embed(b)
+    labels = torch.full_like(b["input_ids"], -100)
+    labels[:, :-1] = b["input_ids"][:, 1:]
+    batches = [dict(b, labels=labels, modality="image")]
+    info = summary(batches, "images")
+    full = profile_model(open_model(directory), batches, info, bits=(4,), group_size=16, progress=False,
+                         curvature=("fisher",))
+    streamed, _ = profile_streamed(directory, batches, info, bits=(4,), group_size=16, curvature=("fisher",))
+    assert streamed.meta.calibration["loss"] == pytest.approx(full.meta.calibration["loss"], rel=1e-5)
+    for a, s in zip(full.experts, streamed.experts):
+        assert (a.id, a.tokens, a.tokens_by_modality) == (s.id, s.tokens, s.tokens_by_modality)
+        assert s.trace["fisher"].mean == pytest.approx(a.trace["fisher"].mean, rel=1e-4, abs=1e-12)
 
 
 def test_vqa_eval_on_an_artifact(tiny_models, tmp_path, capsys):

@@ -422,6 +422,21 @@ def test_default_vision_param_count_matches_a_built_backbone():
     assert param_count(g) == built
 
 
+def test_layer_streamed_image_calibration_with_curvature_equals_in_memory(molmoe_dirs):
+    """Image batches run through the resident vision backbone; the layers stream, Fisher included."""
+    from mopeq.profiler.stream import profile_streamed
+
+    batches = [image_batch()]
+    info = summary(batches, "images")
+    kw = dict(bits=(4,), group_size=16, curvature=("fisher",))
+    full = profile_model(open_model(molmoe_dirs["megablocks"]), batches, info, progress=False, **kw)
+    streamed, _ = profile_streamed(molmoe_dirs["megablocks"], batches, info, **kw)
+    assert streamed.meta.calibration["loss"] == pytest.approx(full.meta.calibration["loss"], rel=1e-5)
+    for a, b in zip(full.experts, streamed.experts):
+        assert (a.id, a.tokens, a.tokens_by_modality) == (b.id, b.tokens, b.tokens_by_modality)
+        assert b.trace["fisher"].mean == pytest.approx(a.trace["fisher"].mean, rel=1e-4, abs=1e-12)
+
+
 @pytest.mark.parametrize("name", ["megablocks", "published"])
 def test_layer_streamed_profiling_equals_in_memory(molmoe_dirs, name):
     """Both layouts stream (OLMo's fused attention split and stacked experts cut per layer on load)."""
