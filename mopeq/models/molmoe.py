@@ -213,6 +213,7 @@ class MolmoeText(TextOnlyWrapper):
         super().__init__()
         from transformers import OlmoeForCausalLM
 
+        lang_config._attn_implementation = "eager"  # double backward (Hessian-vector products) fails through CPU SDPA
         self.language = OlmoeForCausalLM(lang_config)
         self.language.lm_head = MaskedHead(lang_config.hidden_size, embed, extra)
         if vision is not None:
