@@ -166,15 +166,21 @@ def _layer_sums(streamer, store: BoundaryStore, streams: list[Stream], slots: in
         p.requires_grad_(id(p) in keep)
     inputs = store.get(layer)
     sums = torch.zeros(slots, len(refs), len(MATRICES), dtype=torch.float64)
+    groups: dict[tuple, list[Stream]] = {}  # streams on the same rows share one forward
+    for stream in streams:
+        rows = (stream.rows.start, stream.rows.stop) if stream.rows is not None else None
+        groups.setdefault((stream.batch, rows), []).append(stream)
     with torch.enable_grad():
-        for stream in streams:
-            x = inputs[stream.batch] if stream.rows is None else inputs[stream.batch][stream.rows]
+        for (batch, _), group in groups.items():
+            x = inputs[batch] if group[0].rows is None else inputs[batch][group[0].rows]
             x = x.detach().requires_grad_(True)
             out = streamer.run_layer(layer, x)
-            grads = torch.autograd.grad(out, [x, *params], stream.cotangent, allow_unused=True, materialize_grads=True)
-            stream.cotangent = grads[0].detach()
-            if blocks:
-                sums[stream.slot] += blocks.restrict(lambda g: g.double().pow(2).sum(), list(grads[1:]))
+            for i, stream in enumerate(group):
+                grads = torch.autograd.grad(out, [x, *params], stream.cotangent, allow_unused=True,
+                                            materialize_grads=True, retain_graph=i < len(group) - 1)
+                stream.cotangent = grads[0].detach()
+                if blocks:
+                    sums[stream.slot] += blocks.restrict(lambda g: g.double().pow(2).sum(), list(grads[1:]))
     streamer.unload_layer(layer)
     return sums
 
