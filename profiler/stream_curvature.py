@@ -25,7 +25,6 @@ stream's graph.
 from __future__ import annotations
 
 import math
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -336,8 +335,3 @@ def hessian_block(streamer, batches, store: BoundaryStore, last, probes: range, 
 def _fisher_trace(per_matrix: torch.Tensor) -> Trace:
     return Trace(mean=float(per_matrix.sum()), stderr=0.0, probes=0,
                  per_matrix={m: float(per_matrix[j]) for j, m in enumerate(MATRICES)})
-
-
-def scratch_folder(parent: Path | None) -> Path:
-    """Where boundary activations go when they do not fit in RAM: under ``parent`` or a fresh temp folder."""
-    return Path(tempfile.mkdtemp(prefix="mopeq-boundaries-", dir=parent))

@@ -26,7 +26,6 @@ class TransformersAdapter(MoEAdapter):
     """A transformers ``*ForCausalLM`` (``auto_class``) with fused experts; subclasses name the attributes."""
 
     auto_class = "AutoModelForCausalLM"
-    source_dir: Path | None = None
 
     # --- on disk -------------------------------------------------------------------------------------
     @property
