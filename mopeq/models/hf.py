@@ -105,8 +105,8 @@ class TransformersAdapter(MoEAdapter):
     @classmethod
     def load_model(cls, directory, config: dict, dtype: torch.dtype) -> nn.Module:
         """``from_pretrained`` over the checked shards (mmapped slices); refuses any key mismatch."""
-        import transformers
         from safetensors import safe_open
+        from transformers.utils import logging
 
         from ..safety import checkpoint_shards
 
@@ -118,8 +118,6 @@ class TransformersAdapter(MoEAdapter):
         shards = checkpoint_shards(Path(directory))
         handles = {path: safe_open(str(path), "pt") for path in set(shards.values())}
         state = {key: handles[path].get_slice(key) for key, path in shards.items()}
-        from transformers.utils import logging
-
         bar = logging.is_progress_bar_enabled()
         logging.disable_progress_bar()  # its per-tensor "Loading weights" bar; mopeq reports its own progress
         try:

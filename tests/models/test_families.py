@@ -37,6 +37,19 @@ def snr_db(ref: torch.Tensor, out: torch.Tensor) -> float:
     return float(10 * torch.log10(ref.pow(2).sum() / (ref - out).pow(2).sum()))
 
 
+def compile_8bit_and_compare(loaded, profile, ids, tmp_path, spec: str = SPEC):
+    """Plan ``spec`` (8 bits) on ``profile``, compile, load the artifact: its logits on ``ids`` within 25 dB SNR of
+    ``loaded``'s. Returns the loaded artifact."""
+    (tmp_path / "spec.yaml").write_text(spec)
+    plan = make_plan(load_spec(tmp_path / "spec.yaml"), profile)
+    quantized = load(compile_artifact(loaded.directory, plan, tmp_path / "artifact", progress=False))
+    with torch.no_grad():
+        ref = loaded.adapter.forward({"input_ids": ids})
+        out = quantized.adapter.forward({"input_ids": ids})
+    assert snr_db(ref, out) >= 25
+    return quantized
+
+
 def calibration(seed: int = 0) -> list[dict]:
     gen = torch.Generator().manual_seed(seed)
     return [{"input_ids": torch.randint(3, 40, (2, 16), generator=gen), "modality": "text"} for _ in range(2)]
@@ -57,17 +70,8 @@ def test_chain(family, tiny_models, tmp_path):
     assert sum(e.shared for e in profile.experts) == (len(moe_layers) if shared else 0)
     assert sum(e.tokens for e in routed) == 2 * len(moe_layers) * 64  # top-2 over 64 calibration tokens
 
-    spec_path = tmp_path / "spec.yaml"
-    spec_path.write_text(SPEC)
-    plan = make_plan(load_spec(spec_path), profile)
-    artifact = compile_artifact(directory, plan, tmp_path / "artifact", progress=False)
-    quantized = load(artifact)
-
     ids = calibration(seed=1)[0]["input_ids"]
-    with torch.no_grad():
-        ref = loaded.adapter.forward({"input_ids": ids})
-        out = quantized.adapter.forward({"input_ids": ids})
-    assert snr_db(ref, out) >= 25
+    quantized = compile_8bit_and_compare(loaded, profile, ids, tmp_path)
     generated = quantized.model.generate(ids[:1], max_new_tokens=3, min_new_tokens=3, do_sample=False)
     assert generated.shape == (1, 19)
 

@@ -9,18 +9,15 @@ import json
 import pytest
 import torch
 
-from mopeq.compiler.artifact import compile_artifact
 from mopeq.models import open_model, read_config
-from mopeq.planner import load_spec, make_plan
 from mopeq.profiler.calibration import summary
 from mopeq.profiler.curvature import SOURCES
 from mopeq.profiler.profile import profile_model
 from mopeq.profiler.stream import profile_streamed
-from mopeq.runtime.load import load
 from mopeq.schemas import InputError
 
 from .published import FILES, build, published, shrink
-from .test_families import SPEC, snr_db
+from .test_families import SPEC, compile_8bit_and_compare
 
 # name -> the adapter family it must open as
 FAMILY = {"deepseek-vl2-tiny": "deepseek_vl_v2", "deepseek-vl2-small": "deepseek_vl_v2", "deepseek-vl2": "deepseek_vl_v2",
@@ -58,15 +55,8 @@ def test_published_config_chain(name, tmp_path):
         for source in SOURCES:  # float32 routers: Hessian samples agree to ~1e-6 of their scale
             assert b.trace[source].mean == pytest.approx(a.trace[source].mean, rel=1e-3, abs=1e-6), source
 
-    (tmp_path / "spec.yaml").write_text(SPEC.replace("group_size: 32", "group_size: 16"))
-    artifact = compile_artifact(directory, make_plan(load_spec(tmp_path / "spec.yaml"), profile),
-                                tmp_path / "artifact", progress=False)
-    quantized = load(artifact)
-    ids = batches(seed=1)[0]["input_ids"]
-    with torch.no_grad():
-        ref = loaded.adapter.forward({"input_ids": ids})
-        out = quantized.adapter.forward({"input_ids": ids})
-    assert snr_db(ref, out) >= 25
+    compile_8bit_and_compare(loaded, profile, batches(seed=1)[0]["input_ids"], tmp_path,
+                             SPEC.replace("group_size: 32", "group_size: 16"))
 
 
 def test_shrink_keeps_every_published_key():
