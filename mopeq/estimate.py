@@ -80,20 +80,24 @@ def moe_shape(config: dict, where: str | Path = "config") -> MoEShape:
 def memory_gb(shape: MoEShape, planned_expert_bytes: int, calib_tokens: int, batch_tokens: int) -> dict[str, float]:
     """What each step needs in memory (GB), by the rules ``--max-memory`` plans with (``safety.memory_needs``):
     profile in memory (float32) and layer-streamed, each without and with loss curvature (fisher / gauss-newton;
-    the Hessian adds one tangent per probe of a block to the kept layer inputs), compile (one layer's source
+    gauss-newton with a block of 8 probes; the Hessian keeps more), compile (one layer's source
     experts + its packed output) and run (the artifact: packed experts + 16-bit rest)."""
-    from .safety import memory_needs
+    from .models.base import ExpertRef
+    from .safety import memory_needs, streamed_curvature_needs
 
     total = shape.non_expert_params + sum(n * k for s in shape.matrices.values() for n, k in s.values())
-    plain, full = (memory_needs(shape.layer_params, total, shape.vocab, shape.hidden, batch_tokens, calib_tokens, w)
-                   for w in (False, True))
-    streamed_curvature = plain["streamed"] + plain["layer_backward"]
+    routed = [0] * len(shape.layer_params)  # routed expert parameters per decoder layer (bf16 when streamed)
+    for eid, shapes in shape.matrices.items():
+        ref = ExpertRef.parse(eid)
+        routed[ref.layer] += 0 if ref.shared else sum(n * k for n, k in shapes.values())
+    plain, full = (memory_needs(shape.layer_params, total, shape.vocab, shape.hidden, batch_tokens, calib_tokens, w,
+                                routed) for w in (False, True))
+    in_ram, on_disk = streamed_curvature_needs(plain, ["gauss-newton"], 8)
     per_layer_experts = max(shape.layer_params) * 2  # bf16 source
     layers = max(len(shape.moe_layers), 1)
     return {"profile_in_memory": plain["in_memory"] / 1e9, "profile_in_memory_curvature": full["in_memory"] / 1e9,
             "profile_streamed": plain["streamed"] / 1e9,
-            "profile_streamed_curvature": (streamed_curvature + plain["boundaries"]) / 1e9,
-            "profile_streamed_curvature_disk": streamed_curvature / 1e9,
+            "profile_streamed_curvature": in_ram / 1e9, "profile_streamed_curvature_disk": on_disk / 1e9,
             "compile": (per_layer_experts + planned_expert_bytes / layers) / 1e9,
             "run": (planned_expert_bytes + 2 * shape.non_expert_params) / 1e9}
 

@@ -164,42 +164,69 @@ def profile_memory(directory: Path, batches: list[dict], whole_model: bool) -> d
     see ``memory_needs``."""
     import re
 
-    numel = {k: math.prod(e["shape"]) for p in sorted(set(checkpoint_shards(directory).values()))
-             for k, e in check_safetensors(p).items()}
+    entries = {k: e for p in sorted(set(checkpoint_shards(directory).values())) for k, e in check_safetensors(p).items()}
+    numel = {k: math.prod(e["shape"]) for k, e in entries.items()}
     per_layer: dict[str, int] = {}
+    experts: dict[str, int] = {}
+    dtypes = set()
     for key, count in numel.items():
         if (m := re.search(r"\.layers\.(\d+)\.", key)):
             per_layer[m.group(1)] = per_layer.get(m.group(1), 0) + count
+            if re.search(r"\.experts\.", key):  # routed experts (not shared_experts), fused or one per expert
+                experts[m.group(1)] = experts.get(m.group(1), 0) + count
+                dtypes.add(entries[key]["dtype"])
     vocab, hidden = _embedding_shape(directory)
     batch_tokens = max((int(b["input_ids"].numel()) for b in batches), default=0)
     all_tokens = sum(int(b["input_ids"].numel()) for b in batches)
     return memory_needs(list(per_layer.values()), sum(numel.values()), vocab, hidden, batch_tokens, all_tokens,
-                        whole_model)
+                        whole_model, [experts.get(k, 0) for k in per_layer],
+                        max((DTYPE_BYTES.get(d, 4) for d in dtypes), default=2))
 
 
 def memory_needs(layer_params: list[int], total_params: int, vocab: int, hidden: int, batch_tokens: int,
-                 all_tokens: int, whole_model: bool) -> dict[str, int]:
+                 all_tokens: int, whole_model: bool, layer_expert_params: list[int] | None = None,
+                 expert_bytes: int = 2) -> dict[str, int]:
     """Estimated peak bytes of a profile (float32 weights), from parameter counts per decoder layer.
 
     ``in_memory``: weights + activations of one batch (+ curvature buffers when ``whole_model``:
     gradient, probe and Hessian-vector product per weight, and the activations every layer keeps for the
-    double backward). ``streamed``: weights outside the decoder layers + the largest layer + the hidden
-    states carried for every calibration batch + one batch's activations. ``boundaries``: every layer's
-    input for every batch, which a streamed curvature profile keeps (in RAM, or in a scratch folder: then
-    one layer's worth is read back at a time); ``layer_backward``: the gradients and graph of one layer
-    during a backward sweep.
+    double backward). ``streamed``: weights outside the decoder layers + the largest layer (its routed experts
+    as stored, ``expert_bytes`` each: ``largest_layer_streamed``) + the hidden states carried for every
+    calibration batch + one batch's activations. ``boundaries``: every layer's input for every batch, which a
+    streamed curvature profile keeps (in RAM, or in a scratch folder: then one batch is read back at a time);
+    ``cotangents``: one backward stream's gradients at a layer boundary for every batch (a gauss-newton sweep
+    keeps one per probe of a block, fisher one in all; ``cotangents_batch``: one batch's, when they are on
+    disk); ``layer_backward``: the graph of one batch through one layer during a fisher / gauss-newton sweep
+    (expert weight gradients are reduced one expert at a time); ``layer_backward_hessian``: the Hessian's
+    double backward, with the largest layer and its gradients in float32.
     """
     weights = 4 * total_params
     layers = max(len(layer_params), 1)
     activations = 4 * batch_tokens * (2 * vocab + 16 * hidden)
     curvature = 3 * weights + 2 * 4 * batch_tokens * 16 * hidden * layers if whole_model else 0
     largest = 4 * max(layer_params, default=total_params)
+    experts = layer_expert_params or [0] * len(layer_params)
+    largest_streamed = max((4 * (p - e) + expert_bytes * e for p, e in zip(layer_params, experts)), default=largest)
     outside = weights - 4 * sum(layer_params)
     hidden_states = 2 * 4 * all_tokens * hidden
     return {"weights": weights, "activations": activations, "curvature": curvature,
             "in_memory": weights + activations + curvature, "outside_layers": outside, "largest_layer": largest,
-            "hidden_states": hidden_states, "streamed": outside + largest + hidden_states + activations,
-            "boundaries": 4 * all_tokens * hidden * layers, "layer_backward": 2 * largest}
+            "largest_layer_streamed": largest_streamed, "hidden_states": hidden_states,
+            "streamed": outside + largest_streamed + hidden_states + activations,
+            "boundaries": 4 * all_tokens * hidden * layers, "cotangents": 4 * all_tokens * hidden,
+            "cotangents_batch": 4 * batch_tokens * hidden, "layer_backward": 2 * activations,
+            "layer_backward_hessian": 2 * largest + 2 * activations}
+
+
+def streamed_curvature_needs(need: dict[str, int], curvature: list[str], probes: int) -> tuple[int, int]:
+    """``(boundaries and cotangents in RAM, in a scratch folder)``: peak bytes of a streamed curvature profile.
+    ``probes``: a gauss-newton / Hessian block (their streams' cotangents or tangents are kept together)."""
+    if "hessian" in curvature:  # the family's float32 layer, and one tangent per probe beside each boundary
+        base = need["streamed"] - need["largest_layer_streamed"] + need["largest_layer"] + need["layer_backward_hessian"]
+        return base + need["boundaries"] * (1 + probes), base + need["cotangents_batch"] * probes
+    slots = probes if "gauss-newton" in curvature else 1
+    base = need["streamed"] + need["layer_backward"]
+    return base + need["boundaries"] + need["cotangents"] * slots, base + need["cotangents_batch"] * slots
 
 
 def _embedding_shape(directory: Path) -> tuple[int, int]:
@@ -236,9 +263,13 @@ def choose_profile_mode(directory: Path, batches: list[dict], limit: int | None,
                          f"--ablation (loss curvature streams), or raise --max-memory")
     if not curvature:
         return "streamed"
-    kept = need["boundaries"] * (1 + (probes if "hessian" in curvature else 0))  # + a tangent per probe
-    if need["streamed"] + need["layer_backward"] + kept <= limit:
+    in_ram, on_disk = streamed_curvature_needs(need, curvature, probes)
+    if in_ram <= limit:
         return "streamed"
+    if on_disk > limit:
+        raise InputError(f"--max-memory {_size(limit)}: profiling {directory} with {','.join(curvature)} needs about "
+                         f"{_size(on_disk)} even layer-streamed with the layer inputs on disk; raise --max-memory or "
+                         f"calibrate on fewer tokens")
     return "streamed-disk"
 
 

@@ -84,7 +84,7 @@ class GramRecorder:
             if j >= self.adapter.num_experts(layer):
                 continue  # transformers marks dropped slots with index E
             sel = flat == j
-            w = self.adapter.expert_weights(ExpertRef(layer, j))
+            w = {m: t.to(hidden.dtype) for m, t in self.adapter.expert_weights(ExpertRef(layer, j)).items()}
             x = hidden[token[sel]]  # [T_j, H]
             h = module.act_fn(x @ w["gate"].t()) * (x @ w["up"].t())  # [T_j, I]
             self._add(ExpertRef(layer, j), x.double(), h.double(), g[sel].pow(2))

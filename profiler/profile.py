@@ -22,6 +22,7 @@ from ..models.base import MATRICES, ExpertRef
 from ..schemas import ExpertNode, Profile, ProfileMeta, Trace
 
 SIMILAR_NEIGHBOURS = 8
+SIMILARITY_BLOCK = 16 << 20  # bytes of expert rows stacked at a time for the similarity Gram
 
 
 class RoutingRecorder:
@@ -158,12 +159,21 @@ def add_sensitivity(node: ExpertNode) -> ExpertNode:
 
 
 def similarity_edges(adapter, layer: int, k: int = SIMILAR_NEIGHBOURS) -> list[tuple[str, str, float]]:
-    """Cosine similarity of flattened expert weights; each expert keeps its ``k`` nearest neighbours."""
+    """Cosine similarity of flattened expert weights; each expert keeps its ``k`` nearest neighbours.
+
+    The Gram matrix of the flattened experts is summed over row blocks of each matrix (float64), so no copy of
+    the layer's experts is made: a few MiB at a time."""
     refs = [ExpertRef(layer, j) for j in range(adapter.num_experts(layer))]
-    flat = torch.stack([torch.cat([w.detach().float().flatten() for w in adapter.expert_weights(r).values()])
-                        for r in refs])
-    flat = torch.nn.functional.normalize(flat, dim=1)
-    sim = flat @ flat.t()
+    weights = [adapter.expert_weights(r) for r in refs]
+    gram = torch.zeros(len(refs), len(refs), dtype=torch.float64)
+    for m in MATRICES:
+        rows, cols = weights[0][m].shape
+        step = max(1, SIMILARITY_BLOCK // (8 * cols * len(refs)))
+        for r0 in range(0, rows, step):
+            block = torch.stack([w[m][r0:r0 + step].detach().double().flatten() for w in weights])
+            gram += block @ block.t()
+    norm = gram.diagonal().clamp(min=1e-300).sqrt()
+    sim = (gram / norm[:, None] / norm[None, :]).float()
     sim.fill_diagonal_(-2.0)
     edges = {}
     for i, row in enumerate(sim):

@@ -37,6 +37,27 @@ from .profile import RoutingRecorder, add_sensitivity, expert_node, non_expert_b
 
 
 
+def _libc():
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return libc if hasattr(libc, "malloc_trim") else None
+    except OSError:
+        return None
+
+
+_LIBC = _libc()
+
+
+def release_heap() -> None:
+    """Give freed heap pages back to the OS. glibc keeps them, and a loop that allocates and frees a layer's
+    activations batch after batch would otherwise grow, by fragmentation, well past what it holds at once."""
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
 @dataclass
 class StreamStats:
     """What the streamer loaded: to show that the full model never was resident."""
@@ -71,6 +92,7 @@ class LayerStreamer:
         self.model = self.adapter.model.eval()
         self.reader = CheckpointReader(self.directory)
         self.stats = StreamStats()
+        self.swapped: dict[int, torch.nn.Module] = {}  # layer -> its own experts module while StreamedExperts runs
         self.names = {id(m): n for n, m in self.model.named_modules()}
         self.layers_prefix = self.names[id(self.adapter.decoder_layers())]
         self._load_outside_layers()
@@ -95,9 +117,9 @@ class LayerStreamer:
             raise InputError(f"{self.directory}: tensor {left[0]} missing from the checkpoint")
         self._track()
 
-    def _set(self, module, name: str, value: torch.Tensor) -> None:
+    def _set(self, module, name: str, value: torch.Tensor, stored_dtype: bool = False) -> None:
         old = getattr(module, name)
-        new = value.to(old.dtype).contiguous()
+        new = (value if stored_dtype and value.is_floating_point() else value.to(old.dtype)).contiguous()
         if isinstance(old, torch.nn.Parameter):
             new = torch.nn.Parameter(new, requires_grad=old.requires_grad)
         setattr(module, name, new)
@@ -107,25 +129,41 @@ class LayerStreamer:
         resident = sum(p.numel() for p in self.model.parameters() if p.device.type != "meta")
         self.stats.peak_resident_params = max(self.stats.peak_resident_params, resident)
 
-    def load_layer(self, layer: int) -> torch.nn.Module:
+    def load_layer(self, layer: int, float_experts: bool = False) -> torch.nn.Module:
         """Materialise decoder layer ``layer``'s parameters (and stored buffers) from the shards, converted the
-        way the family loads them; buffers the layer computes itself (rotary tables) stay as built."""
+        way the family loads them; buffers the layer computes itself (rotary tables) stay as built.
+
+        The routed experts stay in their stored dtype behind a ``StreamedExperts`` (float32 products, one
+        expert upcast at a time) unless ``float_experts`` (the Hessian's double backward needs the family's
+        own module) or the experts module holds more than the expert matrices."""
+        from .streamed_experts import StreamedExperts, covers_parameters
+
         module = self.adapter.decoder_layers()[layer]
+        experts = self.adapter.experts_module(layer) if layer in self.adapter.moe_layers() else None
+        streamed = experts is not None and not float_experts and covers_parameters(self.adapter, layer, experts)
+        as_stored = {id(p) for p in experts.parameters()} if streamed else set()
         prefix = f"{self.layers_prefix}.{layer}."
         keys = [k for k in self.reader.keys if self.adapter.memory_key(k).startswith(prefix)]
         tensors = self.adapter.memory_tensors({k: self.reader.read(k) for k in keys})
         stored = set(module.state_dict())
-        for name, _ in list(module.named_parameters()) + [(n, b) for n, b in module.named_buffers() if n in stored]:
+        for name, value in list(module.named_parameters()) + [(n, b) for n, b in module.named_buffers() if n in stored]:
             if prefix + name not in tensors:
                 raise InputError(f"{self.directory}: tensor {prefix + name} missing from the checkpoint")
             owner, _, leaf = name.rpartition(".")
-            self._set(module.get_submodule(owner), leaf, tensors[prefix + name])
+            # popped: each source tensor is freed once converted, not held with the whole converted layer
+            self._set(module.get_submodule(owner), leaf, tensors.pop(prefix + name), id(value) in as_stored)
+        del tensors
+        if streamed:
+            setattr(self.adapter.moe_block(layer), self.adapter.experts_attr, StreamedExperts(self.adapter, layer, experts))
+            self.swapped[layer] = experts
         self.stats.layers_loaded.append(layer)
         self._track()
         return module
 
     def unload_layer(self, layer: int) -> None:
         """Parameters back to meta (freed); computed buffers stay."""
+        if layer in self.swapped:
+            setattr(self.adapter.moe_block(layer), self.adapter.experts_attr, self.swapped.pop(layer))
         module = self.adapter.decoder_layers()[layer]
         for name, p in list(module.named_parameters()):
             owner, _, leaf = name.rpartition(".")
@@ -230,7 +268,8 @@ def profile_streamed(path, batches: list[dict], calibration: dict, bits=(2, 3, 4
                 continue
             if curvature:
                 store.put(layer, hidden)
-            nodes, edges, hidden = _profile_layer(streamer, loaded, layer, batches, hidden, calibration, settings)
+            nodes, edges, hidden = _profile_layer(streamer, loaded, layer, batches, hidden, calibration, settings,
+                                                  float_experts="hessian" in curvature)
             done[layer] = {"nodes": [n.model_dump() for n in nodes], "edges": edges}
             if checkpoint_dir:
                 save_layer(Path(checkpoint_dir), layer, key, nodes, edges, hidden)
@@ -243,8 +282,9 @@ def profile_streamed(path, batches: list[dict], calibration: dict, bits=(2, 3, 4
     return _assemble(loaded, done, calibration, settings, loss, traces), streamer.stats
 
 
-def _profile_layer(streamer, loaded, layer, batches, hidden, calibration, settings):
-    streamer.load_layer(layer)
+def _profile_layer(streamer, loaded, layer, batches, hidden, calibration, settings, float_experts=False):
+    # the Hessian's sweeps run the family's own float32 experts: its forward gives them bit-identical inputs
+    streamer.load_layer(layer, float_experts)
     recorder = RoutingRecorder(loaded) if layer in streamer.adapter.moe_layers() else None
     out = []
     try:
@@ -252,6 +292,7 @@ def _profile_layer(streamer, loaded, layer, batches, hidden, calibration, settin
             if recorder:
                 recorder.current = batch.get("modality", "text")
             out.append(streamer.run_layer(layer, h))
+            release_heap()
     finally:
         if recorder:
             recorder.close()

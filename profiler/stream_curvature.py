@@ -25,16 +25,19 @@ stream's graph.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+import shutil
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from ..models.base import MATRICES, ExpertRef
-from ..schemas import Trace
+from ..schemas import InputError, Trace
 from .curvature import (CurvatureSource, converged, expert_blocks, layer_probe, rademacher, sample_batches,
                         scored_tokens, softmax_root_times, summarize, total_tokens)
+from .stream import release_heap
+from .streamed_experts import GradNormSink, StreamedExperts
 
 STREAMED_SOURCES = tuple(s.value for s in CurvatureSource)
 
@@ -56,14 +59,32 @@ class BoundaryStore:
         save_file({f"batch{i}": h.detach().contiguous() for i, h in enumerate(hidden)}, str(tmp))
         tmp.replace(path)
 
-    def get(self, layer: int) -> list[torch.Tensor]:
+    def get(self, layer: int):
+        """The batches' inputs of ``layer``: a list, or (on disk) a sequence reading one batch per access."""
         if self.folder is None:
             return self.ram[layer]
-        state = load_file(str(self.folder / f"input-{layer:05d}.safetensors"))
-        return [state[f"batch{i}"] for i in range(len(state))]
+        return _OnDisk(self.folder / f"input-{layer:05d}.safetensors")
 
     def nbytes(self) -> int:
         return sum(h.numel() * h.element_size() for hs in self.ram.values() for h in hs)
+
+
+class _OnDisk:
+    """``batch{i}`` tensors of a safetensors file, each read when indexed."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        with safe_open(str(path), "pt") as f:
+            self.count = len(list(f.keys()))
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        if not 0 <= i < self.count:
+            raise IndexError(i)
+        with safe_open(str(self.path), "pt") as f:
+            return f.get_tensor(f"batch{i}")
 
 
 class SweepCheckpoint:
@@ -105,12 +126,15 @@ class SweepCheckpoint:
         saved = self._read(f"{tag}-cotangents")
         if saved is None:
             return None, {}
-        from safetensors import safe_open
-
         with safe_open(str(self.folder / f"{tag}-cotangents.safetensors"), "pt") as f:
             lowest = int(f.metadata()["layer"])
         for i, stream in enumerate(streams):
-            stream.cotangent = saved[f"s{i}"]
+            if stream.folder is None:
+                stream.set(saved[f"s{i}"], lowest)
+            elif not stream.file(lowest).is_file():
+                raise InputError(f"{stream.file(lowest)}: missing from the resume folder; use a fresh --resume folder")
+            else:
+                stream.path = stream.file(lowest)
         sums = {}
         for path in self.folder.glob(f"{tag}-sums-*.safetensors"):
             layer = int(path.stem.rsplit("-", 1)[1])
@@ -122,17 +146,51 @@ class SweepCheckpoint:
         if self.folder is None:
             return
         self._write(f"{tag}-sums-{layer:05d}", {"sums": sums})
-        self._write(f"{tag}-cotangents", {f"s{i}": s.cotangent for i, s in enumerate(streams)}, {"layer": str(layer)})
+        in_ram = {f"s{i}": s.cotangent for i, s in enumerate(streams) if s.folder is None}  # else in their files
+        self._write(f"{tag}-cotangents", in_ram or {"none": torch.zeros(0)}, {"layer": str(layer)})
 
 
-@dataclass
 class Stream:
-    """One backward pass through the layers: which batch (and sequence), its cotangent, where it adds up."""
+    """One backward pass through the layers: which batch (and sequence), where it adds up, and its cotangent at the
+    current layer boundary: in RAM, or (``folder`` given) in one file per layer, ``L{layer}-s{index}``, so that
+    only the streams of one batch are in memory at a time. Files of the boundary above are kept until
+    ``drop_previous`` (after the sweep's resume point has moved past them)."""
 
-    batch: int
-    rows: slice | None  # one sequence of the batch (fisher) or the whole batch
-    cotangent: torch.Tensor
-    slot: int  # index into the accumulator (probe for gauss-newton; 0 for fisher)
+    def __init__(self, batch: int, rows: slice | None, cotangent: torch.Tensor, slot: int,
+                 folder: Path | None = None, index: int = 0):
+        self.batch, self.rows, self.slot = batch, rows, slot  # rows: one sequence (fisher) or None (whole batch)
+        self.folder, self.index = folder, index
+        self.value: torch.Tensor | None = None
+        self.path: Path | None = None
+        self.previous: Path | None = None
+        self.set(cotangent, HEAD)
+
+    def file(self, layer: int) -> Path:
+        return self.folder / f"L{layer:05d}-s{self.index:06d}.safetensors"
+
+    @property
+    def cotangent(self) -> torch.Tensor:
+        return self.value if self.folder is None else load_file(str(self.path))["c"]
+
+    def set(self, value: torch.Tensor, layer: int) -> None:
+        """The cotangent at layer ``layer``'s input (``HEAD``: at the last hidden state)."""
+        if self.folder is None:
+            self.value = value
+            return
+        self.folder.mkdir(parents=True, exist_ok=True)
+        path = self.file(layer)
+        tmp = path.with_name(path.name + ".tmp")
+        save_file({"c": value.contiguous()}, str(tmp))
+        tmp.replace(path)
+        self.previous, self.path = self.path, path
+
+    def drop_previous(self) -> None:
+        if self.previous is not None and self.previous != self.path:
+            self.previous.unlink(missing_ok=True)
+        self.previous = None
+
+
+HEAD = 99999  # the layer index of the cotangents at the last hidden state
 
 
 def backward_sweep(streamer, store: BoundaryStore, streams: list[Stream], slots: int,
@@ -149,6 +207,8 @@ def backward_sweep(streamer, store: BoundaryStore, streams: list[Stream], slots:
         else:
             sums = _layer_sums(streamer, store, streams, slots, layer, refs)
             checkpoint.finish_layer(tag, layer, sums, streams)
+            for stream in streams:
+                stream.drop_previous()
         for i, ref in enumerate(refs):
             acc[ref] = sums[:, i]
     return acc
@@ -158,13 +218,19 @@ def _layer_sums(streamer, store: BoundaryStore, streams: list[Stream], slots: in
     """``[slots, experts of the layer, 3]``; each stream's cotangent moves to the layer's input."""
     adapter = streamer.adapter
     module = streamer.load_layer(layer)
-    blocks = expert_blocks(adapter, refs) if refs else None
+    sink, routed = None, []
+    if isinstance(experts := adapter.experts_module(layer) if refs else None, StreamedExperts):
+        sink = experts.sink = GradNormSink(experts.num_experts)  # routed experts: norms without full gradients
+        routed = [i for i, r in enumerate(refs) if not r.shared]
+    rest = [r for r in refs if sink is None or r.shared]
+    blocks = expert_blocks(adapter, rest) if rest else None
     params = blocks.params if blocks else []
     keep = {id(p) for p in params}
     for p in module.parameters():
         p.requires_grad_(id(p) in keep)
     inputs = store.get(layer)
     sums = torch.zeros(slots, len(refs), len(MATRICES), dtype=torch.float64)
+    where = [i for i, r in enumerate(refs) if r in rest]
     groups: dict[tuple, list[Stream]] = {}  # streams on the same rows share one forward
     for stream in streams:
         rows = (stream.rows.start, stream.rows.stop) if stream.rows is not None else None
@@ -177,14 +243,18 @@ def _layer_sums(streamer, store: BoundaryStore, streams: list[Stream], slots: in
             for i, stream in enumerate(group):
                 grads = torch.autograd.grad(out, [x, *params], stream.cotangent, allow_unused=True,
                                             materialize_grads=True, retain_graph=i < len(group) - 1)
-                stream.cotangent = grads[0].detach()
+                stream.set(grads[0].detach(), layer)
                 if blocks:
-                    sums[stream.slot] += blocks.restrict(lambda g: g.double().pow(2).sum(), list(grads[1:]))
+                    sums[stream.slot, where] += blocks.restrict(lambda g: g.double().pow(2).sum(), list(grads[1:]))
+                if sink is not None:
+                    sums[stream.slot, routed] += sink.take()[[refs[i].expert for i in routed]]
+            del out, x, grads
+            release_heap()
     streamer.unload_layer(layer)
     return sums
 
 
-def head_streams_fisher(streamer, batches, last: list[torch.Tensor]) -> list[Stream]:
+def head_streams_fisher(streamer, batches, last: list[torch.Tensor], folder: Path | None = None) -> list[Stream]:
     """One stream per scored sequence: the gradient of its summed token loss at the last hidden state."""
     streams = []
     for b, batch in enumerate(batches):
@@ -195,12 +265,12 @@ def head_streams_fisher(streamer, batches, last: list[torch.Tensor]) -> list[Str
             h = last[b][s:s + 1].detach().requires_grad_(True)
             with torch.enable_grad():
                 (grad,) = torch.autograd.grad(streamer.loss(sample, h) * n, h)
-            streams.append(Stream(b, slice(s, s + 1), grad, 0))
+            streams.append(Stream(b, slice(s, s + 1), grad, 0, folder, len(streams)))
     return streams
 
 
-def head_streams_gauss_newton(streamer, batches, last: list[torch.Tensor], k: int,
-                              gen: torch.Generator) -> list[Stream]:
+def head_streams_gauss_newton(streamer, batches, last: list[torch.Tensor], k: int, gen: torch.Generator,
+                              folder: Path | None = None) -> list[Stream]:
     """``k`` probes per batch, drawn in the in-memory order; cotangents through head and final norm."""
     m = total_tokens(batches)
     streams = []
@@ -213,7 +283,7 @@ def head_streams_gauss_newton(streamer, batches, last: list[torch.Tensor], k: in
                 u = rademacher(logits, gen)
                 (grad,) = torch.autograd.grad(logits, h, softmax_root_times(probs, u) / math.sqrt(m),
                                               retain_graph=True)
-                streams.append(Stream(b, None, grad, j))
+                streams.append(Stream(b, None, grad, j, folder, len(streams)))
     return streams
 
 
@@ -228,8 +298,10 @@ def streamed_curvature(streamer, batches, store: BoundaryStore, last: list[torch
         if source == CurvatureSource.FISHER.value:
             samples = saved.block("fisher")
             if samples is None:
-                acc = backward_sweep(streamer, store, head_streams_fisher(streamer, batches, last), 1, saved, "fisher")
+                streams = head_streams_fisher(streamer, batches, last, _cotangent_folder(store, "fisher"))
+                acc = backward_sweep(streamer, store, streams, 1, saved, "fisher")
                 samples = saved.finish_block("fisher", torch.stack([acc[r] for r in refs], 1))
+                _drop_cotangents(store, "fisher")
             m = total_tokens(batches)
             out[source] = {r: _fisher_trace(samples[0, i] / m) for i, r in enumerate(refs)}
             continue
@@ -243,15 +315,27 @@ def streamed_curvature(streamer, batches, store: BoundaryStore, last: list[torch
                 if samples is None:
                     samples = hessian_block(streamer, batches, store, last, range(done, done + k), seed)
             else:
-                streams = head_streams_gauss_newton(streamer, batches, last, k, gen)  # draws u in order, always
+                folder = _cotangent_folder(store, tag) if samples is None else None
+                streams = head_streams_gauss_newton(streamer, batches, last, k, gen, folder)  # draws u in order, always
                 if samples is None:
                     acc = backward_sweep(streamer, store, streams, k, saved, tag)
                     samples = torch.stack([acc[r] for r in refs], 1)  # [k, experts, 3]
             chunks.append(saved.finish_block(tag, samples))
+            _drop_cotangents(store, tag)
             if converged(torch.cat(chunks), tolerance):
                 break
         out[source] = summarize(torch.cat(chunks), refs)
     return out
+
+
+def _cotangent_folder(store: BoundaryStore, tag: str) -> Path | None:
+    """Where a sweep's cotangents go: beside the boundary activations when those are on disk (else RAM)."""
+    return None if store.folder is None else store.folder / "cotangents" / tag
+
+
+def _drop_cotangents(store: BoundaryStore, tag: str) -> None:
+    if store.folder is not None:
+        shutil.rmtree(store.folder / "cotangents" / tag, ignore_errors=True)
 
 
 # --- Hessian: forward tangents, then the derivative of each layer's pullback ----------------------------
@@ -291,7 +375,7 @@ def hessian_block(streamer, batches, store: BoundaryStore, last, probes: range, 
     out = torch.zeros(k, len(refs_all), len(MATRICES), dtype=torch.float64)
     with torch.enable_grad():
         for layer in range(layers):  # forward: the tangent of every (batch, probe)
-            streamer.load_layer(layer)
+            streamer.load_layer(layer, float_experts=True)
             tangents.put(layer, t)
             params, _, vs = _resident(adapter, layer, [r for r in refs_all if r.layer == layer], probes, seed)
             for b, x in enumerate(store.get(layer)):
@@ -309,7 +393,7 @@ def hessian_block(streamer, batches, store: BoundaryStore, last, probes: range, 
             g.append(gb.detach())
             dg += [_grads(_dot([gb], [t[b * k + j]]), [h], None, retain_graph=True)[0].detach() for j in range(k)]
         for layer in reversed(range(layers)):  # backward: the pullback and its derivative
-            streamer.load_layer(layer)
+            streamer.load_layer(layer, float_experts=True)
             refs = [r for r in refs_all if r.layer == layer]
             params, blocks, vs = _resident(adapter, layer, refs, probes, seed)
             ts = tangents.get(layer)

@@ -118,6 +118,19 @@ class QuantizedExperts(nn.Module):
         return moe_forward_torch(self, hidden_states, top_k_index, top_k_weights)
 
 
+def group_by_expert(top_k_index: torch.Tensor, top_k_weights: torch.Tensor, num_experts: int):
+    """Token-expert pairs sorted by expert: ``(token_of, weight_of, starts)``; expert ``j``'s pairs are rows
+    ``starts[j]:starts[j + 1]`` of ``token_of`` (token index) and ``weight_of`` (routing weight). Indices
+    ``>= num_experts`` (transformers' dropped slots) sort last and belong to no expert."""
+    flat = top_k_index.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    counts = torch.bincount(flat, minlength=num_experts)[:num_experts].tolist()
+    starts = [0]
+    for c in counts:
+        starts.append(starts[-1] + c)
+    return order // top_k_index.shape[1], top_k_weights.reshape(-1)[order], starts
+
+
 def moe_forward_torch(experts: QuantizedExperts, hidden: torch.Tensor, top_k_index: torch.Tensor,
                       top_k_weights: torch.Tensor) -> torch.Tensor:
     """Reference/CPU path: tokens grouped by expert; the experts hit are dequantized together, by bucket, in
@@ -126,15 +139,8 @@ def moe_forward_torch(experts: QuantizedExperts, hidden: torch.Tensor, top_k_ind
     hidden ``[T, H]``, top_k_index ``[T, k]`` (int), top_k_weights ``[T, k]`` -> ``[T, H]``.
     """
     out = torch.zeros_like(hidden)
-    flat = top_k_index.reshape(-1)
-    order = torch.argsort(flat, stable=True)
-    counts = torch.bincount(flat, minlength=experts.num_experts).tolist()
-    token_of = order // top_k_index.shape[1]
-    weight_of = top_k_weights.reshape(-1)[order]
-    hit = [j for j in range(experts.num_experts) if counts[j]]
-    starts = [0]
-    for c in counts:
-        starts.append(starts[-1] + c)
+    token_of, weight_of, starts = group_by_expert(top_k_index, top_k_weights, experts.num_experts)
+    hit = [j for j in range(experts.num_experts) if starts[j + 1] > starts[j]]
     dense_bytes = sum(math.prod(m.shape) for m in experts.experts[0].values()) * hidden.element_size()
     step = max(1, DENSE_BYTES // dense_bytes)
     for first in range(0, len(hit), step):

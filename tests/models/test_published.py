@@ -13,7 +13,8 @@ from mopeq.models import open_model, read_config
 from mopeq.profiler.calibration import summary
 from mopeq.profiler.curvature import SOURCES
 from mopeq.profiler.profile import profile_model
-from mopeq.profiler.stream import profile_streamed
+from mopeq.profiler.stream import LayerStreamer, profile_streamed
+from mopeq.profiler.streamed_experts import StreamedExperts
 from mopeq.schemas import InputError
 
 from .published import FILES, build, published, shrink
@@ -48,6 +49,10 @@ def test_published_config_chain(name, tmp_path):
     routed = [e for e in profile.experts if not e.shared]
     assert routed and sum(e.tokens for e in routed) > 0
     streamed, _ = profile_streamed(directory, calib, info, bits=(8,), group_size=16, **curvature)
+    streamer = LayerStreamer(directory)  # routed experts stay as stored, one expert upcast at a time
+    layer = streamer.adapter.moe_layers()[-1]
+    streamer.load_layer(layer)
+    assert isinstance(streamer.adapter.experts_module(layer), StreamedExperts)
     assert [(e.id, e.tokens) for e in streamed.experts] == [(e.id, e.tokens) for e in profile.experts]
     assert streamed.meta.calibration["loss"] == pytest.approx(profile.meta.calibration["loss"], rel=1e-5)
     for a, b in zip(profile.experts, streamed.experts):

@@ -102,9 +102,12 @@ def test_curvature_sweep_resumes_below_the_last_finished_layer(tiny_dir, calib, 
     with pytest.raises(Interrupt):
         profile_streamed(tiny_dir, batches, info, checkpoint_dir=tmp_path / "ck", **kw)
     assert calls == [1, 0]
+    kept = sorted(p.name for p in (tmp_path / "ck" / "boundaries" / "cotangents").rglob("*.safetensors"))
+    assert kept and all(name.startswith("L00001-") for name in kept)  # on disk, at the committed layer only
     calls.clear()
     resumed, _ = profile_streamed(tiny_dir, batches, info, checkpoint_dir=tmp_path / "ck", **kw)
     assert calls == [0]  # layer 1 of the sweep was finished before the interruption
+    assert not list((tmp_path / "ck" / "boundaries" / "cotangents").rglob("*.safetensors"))
     monkeypatch.setattr(stream_curvature, "_layer_sums", real)
     fresh, _ = profile_streamed(tiny_dir, batches, info, **kw)
     write_profile(resumed, tmp_path / "a.json")

@@ -11,7 +11,7 @@ from .conftest import tiny_profile_args
 from mopeq.cli import main as cli_main
 from mopeq.models import open_model
 from mopeq.profiler.calibration import text_file_batches
-from mopeq.safety import profile_memory
+from mopeq.safety import profile_memory, streamed_curvature_needs
 
 
 def main(args) -> int:
@@ -43,17 +43,22 @@ def test_curvature_that_does_not_fit_streams_with_a_backward_sweep(tiny_dir, tmp
     """Curvature under a limit below the in-memory need: layer-streamed, boundaries in RAM when they fit, else
     in a scratch folder; ablation (whole model only) is refused in one line."""
     plain, full = need(tiny_dir, whole_model=False), need(tiny_dir, whole_model=True)
-    limit = (plain["in_memory"] + full["in_memory"]) // 2
-    assert plain["streamed"] + plain["layer_backward"] + plain["boundaries"] <= limit < full["in_memory"]
+    limit = streamed_curvature_needs(plain, ["fisher"], 8)[0]  # boundaries and cotangents in RAM
+    assert limit < full["in_memory"]
     out = tmp_path / "p.json"
     assert main(tiny_profile_args(tiny_dir, out) + ["--curvature", "fisher", "--max-memory", limit]) == 0
     settings = json.loads(out.read_text())["graph"]["settings"]
     assert settings["streamed"] is True and settings["curvature"] == ["fisher"]
-    disk = plain["streamed"] + plain["layer_backward"] + plain["boundaries"] - 1
+    in_ram, on_disk = streamed_curvature_needs(plain, ["gauss-newton"], 4)
     capsys.readouterr()
     assert main(tiny_profile_args(tiny_dir, tmp_path / "d.json") + ["--curvature", "gauss-newton", "--probes", "4",
-                                                                     "--max-memory", disk]) == 0
+                                                                     "--max-memory", in_ram - 1]) == 0
     assert "layer inputs do not fit --max-memory; kept in" in capsys.readouterr().out
+    assert main(tiny_profile_args(tiny_dir, tmp_path / "e.json") + ["--curvature", "gauss-newton", "--probes", "4",
+                                                                     "--max-memory", on_disk - 1]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "even layer-streamed with the layer inputs on disk" in err
+    assert not (tmp_path / "e.json").exists()
     assert main(tiny_profile_args(tiny_dir, tmp_path / "h.json") + ["--ablation", "--max-memory", limit]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "with --ablation needs the whole model" in err
