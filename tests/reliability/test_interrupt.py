@@ -1,11 +1,11 @@
-"""Interrupted work: ``mopeq profile`` / ``compile`` / ``pareto`` killed with SIGKILL at random moments leave
-no half-written output at the target path, and a rerun resumes and ends byte-identical to an
-uninterrupted run."""
+"""Interrupted work: ``mopeq profile`` / ``compile`` / ``pareto`` stopped at each commit point (just before and
+just after it) leave no half-written output at the target path, and a rerun resumes, redoes no finished
+step and ends byte-identical to an uninterrupted run. Faults are injected in-process at the commit points
+(deterministic); one subprocess killed with SIGKILL checks that a real kill behaves the same."""
 
 from __future__ import annotations
 
 import json
-import random
 import time
 from pathlib import Path
 
@@ -17,39 +17,28 @@ from mopeq.cli import main as cli_main
 DEMO_WEIGHTS = Path(__file__).resolve().parents[2] / "mopeq" / "demo" / "weights" / "model.safetensors"
 
 
+class Crash(BaseException):
+    """Stands for a kill: not an ``Exception``, so no error handler turns it into a clean exit."""
+
+
 def main(args) -> int:
     return cli_main([str(a) for a in args])
 
 
-def kill_when(args, moment, timeout: float = 60.0) -> bool:
-    """Start ``mopeq ARGS``; SIGKILL it once ``moment()()`` is true. Returns whether it was still running."""
-    proc = cli(*args)
-    ready = moment()  # clocks start with the process
-    start = time.time()
-    while proc.poll() is None and not ready() and time.time() - start < timeout:
-        time.sleep(0.01)
-    alive = proc.poll() is None
-    proc.kill()
-    proc.communicate()
-    return alive
+def crash_at(monkeypatch, owner, name: str, call: int, after: bool) -> None:
+    """Make the ``call``-th call (0-based) of ``owner.name`` raise ``Crash``, before or after it did its work."""
+    real, calls = getattr(owner, name), []
 
+    def wrapped(*args, **kwargs):
+        calls.append(1)
+        if len(calls) - 1 == call and not after:
+            raise Crash()
+        out = real(*args, **kwargs)
+        if len(calls) - 1 == call:
+            raise Crash()
+        return out
 
-def run(args) -> None:
-    """``mopeq ARGS`` in a subprocess, like the killed runs, to completion."""
-    proc = cli(*args)
-    _, err = proc.communicate(timeout=300)
-    assert proc.returncode == 0, err
-
-
-def after(seconds: float):
-    def moment():
-        start = time.time()
-        return lambda: time.time() - start >= seconds
-    return moment
-
-
-def exists(directory: Path, pattern: str):
-    return lambda: lambda: any(directory.glob(pattern))
+    monkeypatch.setattr(owner, name, wrapped)
 
 
 @pytest.fixture(scope="module")
@@ -62,33 +51,54 @@ def reference(tiny_dir, tiny_spec, tmp_path_factory):
     return out
 
 
-def test_profile_killed_then_resumed(tiny_dir, reference, tmp_path):
+# the streamed profile's commit points: each layer's hidden states, then its record (2 layers), then the profile
+PROFILE_COMMITS = [("mopeq.profiler.stream", "_atomic", n) for n in range(4)] + [("mopeq.schemas", "write_profile", 0)]
+
+
+@pytest.mark.parametrize("after", [False, True], ids=["before", "after"])
+@pytest.mark.parametrize("module,name,call", PROFILE_COMMITS)
+def test_profile_stopped_at_a_commit_point_resumes(tiny_dir, reference, tmp_path, monkeypatch, module, name, call,
+                                                   after):
+    import importlib
+
     out, ck = tmp_path / "profile.json", tmp_path / "ck"
     args = tiny_profile_args(tiny_dir, out) + ["--resume", ck]
-    rng = random.Random(10)
-    moments = [exists(ck, "layer-00000.json"), after(rng.uniform(2.5, 5.5)), after(rng.uniform(2.5, 5.5))]
-    for ready in moments:
-        kill_when(args, ready)
-        assert not out.exists() or out.read_bytes() == (reference / "profile.json").read_bytes()
-        assert all(json.loads(p.read_text())["layer"] >= 0 for p in ck.glob("layer-*.json"))  # never half-written
+    with monkeypatch.context() as patch:
+        crash_at(patch, importlib.import_module(module), name, call, after)
+        with pytest.raises(Crash):
+            main(args)
+    assert not out.exists() or out.read_bytes() == (reference / "profile.json").read_bytes()
+    assert not list(ck.glob("*.tmp"))  # nothing half-written under a final name
     finished = {p.name: p.stat().st_mtime_ns for p in ck.glob("layer-*.json")}
-    assert finished, "the first kill came after layer 0 was checkpointed"
+    assert all(json.loads((ck / p).read_text())["layer"] >= 0 for p in finished)
     assert main(args) == 0
     assert {p: (ck / p).stat().st_mtime_ns for p in finished} == finished  # finished layers were not redone
     assert out.read_bytes() == (reference / "profile.json").read_bytes()
 
 
-def test_compile_killed_then_rerun(tiny_dir, reference, tmp_path):
+@pytest.mark.parametrize("point", ["writing", "before-rename", "after-rename"])
+def test_compile_stopped_leaves_the_previous_artifact_or_the_new_one(tiny_dir, reference, tmp_path, monkeypatch,
+                                                                     point):
+    from mopeq.compiler import artifact
+
     out = tmp_path / "artifact"
+    out.mkdir()
+    (out / "previous.txt").write_text("an older artifact")
     args = ["compile", tiny_dir, "--plan", reference / "plan.json", "-o", out, "--overwrite"]
-    rng = random.Random(11)
-    moments = [exists(tmp_path, ".artifact.partial"), after(rng.uniform(2.5, 5.5))]
-    for ready in moments:
-        kill_when(args, ready)
-        # the partial directory is only renamed into place once complete
-        assert not out.exists() or tree_bytes(out) == tree_bytes(reference / "artifact")
+    with monkeypatch.context() as patch:
+        if point == "writing":
+            crash_at(patch, artifact.StreamingShardWriter, "add", 3, after=False)
+        else:
+            crash_at(patch, artifact, "_replace", 0, after=point == "after-rename")
+        with pytest.raises(Crash):
+            main(args)
+    if point == "after-rename":
+        assert tree_bytes(out) == tree_bytes(reference / "artifact")
+    else:
+        assert tree_bytes(out) == {"previous.txt": b"an older artifact"}  # untouched until the new one is complete
     assert main(args) == 0
     assert tree_bytes(out) == tree_bytes(reference / "artifact")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["artifact"]  # no partial or moved-aside folder left
 
 
 PARETO_SPEC = """version: 1
@@ -102,21 +112,38 @@ sweep: {avg_bits: [2.5, 2.75]}
 
 
 @pytest.mark.skipif(not DEMO_WEIGHTS.is_file(), reason="demo weights not trained yet (mopeq/demo/weights)")
-def test_pareto_killed_then_resumed(tmp_path):
+def test_pareto_stopped_after_a_point_resumes(tmp_path, monkeypatch):
+    from mopeq import pareto
+
     spec = tmp_path / "spec.yaml"
     spec.write_text(PARETO_SPEC)
-    args = ["pareto", spec, "--methods", "hessian-local", "--scopes", "global", "--eval-windows", "24",
-            "--eval-questions", "60"]
-    reference = tmp_path / "reference"
-    run(args + ["-o", reference])  # every run in a fresh process: float results depend on the thread count
     out = tmp_path / "out"
-    for ready in [exists(out / "points", "*.json"), after(random.Random(12).uniform(3.0, 8.0))]:
-        kill_when(args + ["-o", out], ready)
-        for path in (out / "points").glob("*.json"):
-            json.loads(path.read_text())  # every finished point is complete
+    args = ["pareto", spec, "--methods", "hessian-local", "--scopes", "global", "--eval-windows", "8",
+            "--eval-questions", "16", "-o", out]
+    with monkeypatch.context() as patch:
+        crash_at(patch, pareto, "_save_point", 1, after=False)
+        with pytest.raises(Crash):
+            main(args)
     done = {p.name: p.stat().st_mtime_ns for p in (out / "points").glob("*.json")}
-    assert done
-    run(args + ["-o", out])
+    assert len(done) == 1 and not (out / "points.json").exists()
+    json.loads(next(iter((out / "points").glob("*.json"))).read_text())  # the finished point is complete
+    assert main(args) == 0
     assert {p: (out / "points" / p).stat().st_mtime_ns for p in done} == done
-    for name in ("points.csv", "points.json", "report.md"):
-        assert (out / name).read_text() == (reference / name).read_text()
+    points = json.loads((out / "points.json").read_text())["points"]
+    assert len(points) == len(list((out / "points").glob("*.json"))) > 1
+
+
+def test_profile_killed_for_real_then_resumed(tiny_dir, reference, tmp_path):
+    """SIGKILL (no handler runs) once the first layer is checkpointed; the rerun continues from it."""
+    out, ck = tmp_path / "profile.json", tmp_path / "ck"
+    args = tiny_profile_args(tiny_dir, out) + ["--resume", ck]
+    proc = cli(*args)
+    start = time.time()
+    while proc.poll() is None and not (ck / "layer-00000.json").exists() and time.time() - start < 120:
+        time.sleep(0.005)
+    proc.kill()
+    proc.communicate()
+    finished = {p.name: p.stat().st_mtime_ns for p in ck.glob("layer-*.json")}
+    assert main(args) == 0
+    assert {p: (ck / p).stat().st_mtime_ns for p in finished} == finished
+    assert out.read_bytes() == (reference / "profile.json").read_bytes()
