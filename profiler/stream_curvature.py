@@ -313,7 +313,7 @@ def streamed_curvature(streamer, batches, store: BoundaryStore, last: list[torch
             samples = saved.block(tag)
             if source == CurvatureSource.HESSIAN.value:
                 if samples is None:
-                    samples = hessian_block(streamer, batches, store, last, range(done, done + k), seed)
+                    samples = hessian_block(streamer, batches, store, last, range(done, done + k), seed, saved, tag)
             else:
                 folder = _cotangent_folder(store, tag) if samples is None else None
                 streams = head_streams_gauss_newton(streamer, batches, last, k, gen, folder)  # draws u in order, always
@@ -359,40 +359,35 @@ def _grads(outputs, inputs, cotangent, **kw):
     return torch.autograd.grad(outputs, inputs, cotangent, allow_unused=True, materialize_grads=True, **kw)
 
 
-def hessian_block(streamer, batches, store: BoundaryStore, last, probes: range, seed: int) -> torch.Tensor:
+def hessian_block(streamer, batches, store: BoundaryStore, last, probes: range, seed: int,
+                  checkpoint: SweepCheckpoint | None = None, tag: str = "") -> torch.Tensor:
     """``[len(probes), experts, 3]`` samples ``v_e^T (H v)_e``, equal to ``curvature.hessian_probe_block``.
 
     Per layer and batch one forward and one backward with ``create_graph`` serve every probe: the forward
     tangent ``t_{l+1} = J_theta v + J_x t_l`` is the derivative, in a dummy cotangent ``u``, of ``<a(u), (t_l, v)>``
     with ``a(u) = J^T u``; going down, with ``phi = <f(theta, x), g>`` the derivative of the pullback along
     ``(v, t_l, dg)`` is ``Hess(phi) (v, t_l) + J^T dg``: its parameter part is ``(H v)_l``, its input part
-    ``dg_l``."""
+    ``dg_l``.
+
+    Resume (``checkpoint`` with a folder; the tangents are then on disk beside the layer inputs): the forward
+    pass continues at the last layer whose input tangents were written; every finished layer of the backward
+    pass commits ``{tag}-hessian`` (the sums so far, ``g`` and ``dg`` at its input), and a rerun continues below it."""
     adapter = streamer.adapter
     refs_all = adapter.experts()
     layers, k = len(adapter.decoder_layers()), len(probes)
-    tangents = BoundaryStore(store.folder / "tangents" if store.folder else None)
-    t = [torch.zeros_like(h) for h in last for _ in probes]  # [batch * k]: the embedding has no experts
-    out = torch.zeros(k, len(refs_all), len(MATRICES), dtype=torch.float64)
+    checkpoint = checkpoint or SweepCheckpoint(None)
+    tangents = BoundaryStore(store.folder / "tangents" / tag if store.folder else None)
+    committed = checkpoint._read(f"{tag}-hessian")
     with torch.enable_grad():
-        for layer in range(layers):  # forward: the tangent of every (batch, probe)
-            streamer.load_layer(layer, float_experts=True)
-            tangents.put(layer, t)
-            params, _, vs = _resident(adapter, layer, [r for r in refs_all if r.layer == layer], probes, seed)
-            for b, x in enumerate(store.get(layer)):
-                x = x.detach().requires_grad_(True)
-                y = streamer.run_layer(layer, x)
-                u = torch.zeros_like(y, requires_grad=True)
-                a = _grads(y, [x, *params], u, create_graph=True)
-                for j in range(k):
-                    t[b * k + j] = _grads(_dot(a, [t[b * k + j], *vs[j]]), [u], None, retain_graph=True)[0].detach()
-            streamer.unload_layer(layer)
-        m, g, dg = total_tokens(batches), [], []
-        for b, batch in enumerate(batches):  # the head: gradient and its tangent H_out t_L
-            h = last[b].detach().requires_grad_(True)
-            (gb,) = _grads(streamer.loss(batch, h) * (scored_tokens(batch) / m), [h], None, create_graph=True)
-            g.append(gb.detach())
-            dg += [_grads(_dot([gb], [t[b * k + j]]), [h], None, retain_graph=True)[0].detach() for j in range(k)]
-        for layer in reversed(range(layers)):  # backward: the pullback and its derivative
+        if committed is None:
+            out, g, dg = _hessian_forward(streamer, batches, store, tangents, last, probes, seed)
+            lowest = layers
+        else:
+            lowest = int(committed.pop("layer"))
+            out = committed.pop("out")
+            g = [committed[f"g{b}"] for b in range(len(batches))]
+            dg = [committed[f"dg{i}"] for i in range(len(batches) * k)]
+        for layer in reversed(range(lowest)):  # backward: the pullback and its derivative
             streamer.load_layer(layer, float_experts=True)
             refs = [r for r in refs_all if r.layer == layer]
             params, blocks, vs = _resident(adapter, layer, refs, probes, seed)
@@ -412,8 +407,47 @@ def hessian_block(streamer, batches, store: BoundaryStore, last, probes: range, 
                         out[j, lo:lo + len(refs)] += blocks.restrict(lambda v, w: (v.double() * w.double()).sum(),
                                                                      vs[j], hv)
                 g[b] = pull[0].detach()
+            if checkpoint.folder is not None:
+                state = {"out": out, "layer": torch.tensor(layer), **{f"g{b}": v for b, v in enumerate(g)},
+                         **{f"dg{i}": v for i, v in enumerate(dg)}}
+                checkpoint._write(f"{tag}-hessian", state)
             streamer.unload_layer(layer)
+    if tangents.folder is not None:
+        shutil.rmtree(tangents.folder, ignore_errors=True)
     return out
+
+
+def _hessian_forward(streamer, batches, store: BoundaryStore, tangents: BoundaryStore, last, probes: range, seed: int):
+    """The forward tangents of every (batch, probe) into ``tangents`` (continuing after the last layer whose input
+    tangents are on disk), then the head: ``(out, g, dg)`` to start the backward pass from."""
+    adapter = streamer.adapter
+    refs_all = adapter.experts()
+    layers, k = len(adapter.decoder_layers()), len(probes)
+    start, t = 0, [torch.zeros_like(h) for h in last for _ in probes]  # [batch * k]: the embedding has no experts
+    written = sorted(int(p.stem.split("-")[1]) for p in tangents.folder.glob("input-*.safetensors")) \
+        if tangents.folder is not None and tangents.folder.is_dir() else []
+    if written:
+        start, t = written[-1], list(tangents.get(written[-1]))
+    for layer in range(start, layers):
+        streamer.load_layer(layer, float_experts=True)
+        if layer > start or not written:
+            tangents.put(layer, t)
+        params, _, vs = _resident(adapter, layer, [r for r in refs_all if r.layer == layer], probes, seed)
+        for b, x in enumerate(store.get(layer)):
+            x = x.detach().requires_grad_(True)
+            y = streamer.run_layer(layer, x)
+            u = torch.zeros_like(y, requires_grad=True)
+            a = _grads(y, [x, *params], u, create_graph=True)
+            for j in range(k):
+                t[b * k + j] = _grads(_dot(a, [t[b * k + j], *vs[j]]), [u], None, retain_graph=True)[0].detach()
+        streamer.unload_layer(layer)
+    m, g, dg = total_tokens(batches), [], []
+    for b, batch in enumerate(batches):  # the head: gradient and its tangent H_out t_L
+        h = last[b].detach().requires_grad_(True)
+        (gb,) = _grads(streamer.loss(batch, h) * (scored_tokens(batch) / m), [h], None, create_graph=True)
+        g.append(gb.detach())
+        dg += [_grads(_dot([gb], [t[b * k + j]]), [h], None, retain_graph=True)[0].detach() for j in range(k)]
+    return torch.zeros(k, len(refs_all), len(MATRICES), dtype=torch.float64), g, dg
 
 
 def _fisher_trace(per_matrix: torch.Tensor) -> Trace:

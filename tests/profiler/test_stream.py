@@ -125,3 +125,34 @@ def test_scratch_folder_without_room_is_refused_before_any_layer(tiny_dir, calib
     with pytest.raises(InputError, match=r"scratch|GiB free, the layer inputs kept for the curvature sweeps need"):
         profile_streamed(tiny_dir, batches, info, curvature=("fisher",), boundaries=tmp_path / "scratch")
     assert not (tmp_path / "scratch").exists()
+
+
+@pytest.mark.parametrize("stop,reloaded", [(3, [1, 1, 0]), (4, [0])], ids=["forward-tangents", "backward"])
+def test_hessian_sweep_resumes_per_layer(tiny_dir, calib, tmp_path, monkeypatch, stop, reloaded):
+    """Killed in the Hessian's forward-tangent pass (at layer 1) or after its backward pass finished layer 1, a
+    rerun redoes only what was not committed and writes the uninterrupted profile."""
+    from mopeq.profiler.stream import LayerStreamer
+
+    batches, info = calib
+    batches = batches[:2]
+    kw = dict(bits=(2,), group_size=8, curvature=("hessian",), probes=2, tolerance=0.0)
+    fresh, _ = profile_streamed(tiny_dir, batches, info, **kw)
+    real_unload, real_load, unloads, loads = LayerStreamer.unload_layer, LayerStreamer.load_layer, [], []
+
+    def unload(self, layer):  # calls 0-1: the profile's forward pass; 2-3: tangents; 4-5: backward
+        unloads.append(layer)
+        if len(unloads) - 1 == stop:
+            raise Interrupt()
+        return real_unload(self, layer)
+
+    monkeypatch.setattr(LayerStreamer, "unload_layer", unload)
+    with pytest.raises(Interrupt):
+        profile_streamed(tiny_dir, batches, info, checkpoint_dir=tmp_path / "ck", **kw)
+    monkeypatch.setattr(LayerStreamer, "unload_layer", real_unload)
+    monkeypatch.setattr(LayerStreamer, "load_layer",
+                        lambda self, layer, *a, **k: loads.append(layer) or real_load(self, layer, *a, **k))
+    resumed, _ = profile_streamed(tiny_dir, batches, info, checkpoint_dir=tmp_path / "ck", **kw)
+    assert loads == reloaded
+    write_profile(resumed, tmp_path / "a.json")
+    write_profile(fresh, tmp_path / "b.json")
+    assert (tmp_path / "a.json").read_bytes() == (tmp_path / "b.json").read_bytes()
