@@ -117,9 +117,9 @@ class LayerStreamer:
             raise InputError(f"{self.directory}: tensor {left[0]} missing from the checkpoint")
         self._track()
 
-    def _set(self, module, name: str, value: torch.Tensor, stored_dtype: bool = False) -> None:
+    def _set(self, module, name: str, value: torch.Tensor) -> None:
         old = getattr(module, name)
-        new = (value if stored_dtype and value.is_floating_point() else value.to(old.dtype)).contiguous()
+        new = value.to(old.dtype).contiguous()
         if isinstance(old, torch.nn.Parameter):
             new = torch.nn.Parameter(new, requires_grad=old.requires_grad)
         setattr(module, name, new)
@@ -141,17 +141,21 @@ class LayerStreamer:
         module = self.adapter.decoder_layers()[layer]
         experts = self.adapter.experts_module(layer) if layer in self.adapter.moe_layers() else None
         streamed = experts is not None and not float_experts and covers_parameters(self.adapter, layer, experts)
-        as_stored = {id(p) for p in experts.parameters()} if streamed else set()
+        ids = {id(p) for p in experts.parameters()} if streamed else set()
+        routed = {n for n, p in module.named_parameters() if id(p) in ids}
+        consumed = self._load_routed(layer, experts) if streamed else set()
         prefix = f"{self.layers_prefix}.{layer}."
-        keys = [k for k in self.reader.keys if self.adapter.memory_key(k).startswith(prefix)]
+        keys = [k for k in self.reader.keys if self.adapter.memory_key(k).startswith(prefix) and k not in consumed]
         tensors = self.adapter.memory_tensors({k: self.reader.read(k) for k in keys})
         stored = set(module.state_dict())
         for name, value in list(module.named_parameters()) + [(n, b) for n, b in module.named_buffers() if n in stored]:
+            if name in routed:
+                continue
             if prefix + name not in tensors:
                 raise InputError(f"{self.directory}: tensor {prefix + name} missing from the checkpoint")
             owner, _, leaf = name.rpartition(".")
             # popped: each source tensor is freed once converted, not held with the whole converted layer
-            self._set(module.get_submodule(owner), leaf, tensors.pop(prefix + name), id(value) in as_stored)
+            self._set(module.get_submodule(owner), leaf, tensors.pop(prefix + name))
         del tensors
         if streamed:
             setattr(self.adapter.moe_block(layer), self.adapter.experts_attr, StreamedExperts(self.adapter, layer, experts))
@@ -159,6 +163,33 @@ class LayerStreamer:
         self.stats.layers_loaded.append(layer)
         self._track()
         return module
+
+    def _load_routed(self, layer: int, experts: torch.nn.Module) -> set[str]:
+        """Fill the experts module's parameters, allocated once in the checkpoint's dtype, expert by expert
+        through the adapter's on-disk locations (only each expert's part of a fused tensor is read): no second
+        copy of the layer's experts, as converting the whole stack would make. Returns the keys read."""
+        refs = [ExpertRef(layer, j) for j in range(self.adapter.num_experts(layer))]
+        where = {ref: self.adapter.disk_tensors(ref, self.reader.keys) for ref in refs}
+        missing = [d.key for w in where.values() for d in w.values() if d.key not in self.reader.keys]
+        if missing:
+            raise InputError(f"{self.directory}: tensor {missing[0]} missing from the checkpoint")
+        first = where[refs[0]]["gate"]
+        with safe_open(str(self.reader.where[first.key]), "pt") as f:
+            dtype = f.get_slice(first.key).get_dtype()
+        dtype = {"BF16": torch.bfloat16, "F16": torch.float16}.get(dtype, torch.float32)
+        for name, p in list(experts.named_parameters(recurse=False)):
+            setattr(experts, name, torch.nn.Parameter(torch.empty(p.shape, dtype=dtype), requires_grad=False))
+        for ref in refs:
+            views = self.adapter.expert_weights(ref)
+            for m, disk in where[ref].items():
+                with safe_open(str(self.reader.where[disk.key]), "pt") as f:
+                    part = disk.read(f)
+                if tuple(part.shape) != tuple(views[m].shape):
+                    raise InputError(f"{self.directory}: tensor {disk.key} gives expert {ref.id} {m} of shape "
+                                     f"{tuple(part.shape)}, expected {tuple(views[m].shape)}")
+                views[m].copy_(part)
+            self.stats.loaded_tensors += 3
+        return {d.key for w in where.values() for d in w.values()}
 
     def unload_layer(self, layer: int) -> None:
         """Parameters back to meta (freed); computed buffers stay."""

@@ -90,6 +90,12 @@ class DiskTensor:
             tensor = tensor[self.rows[0] : self.rows[1]]
         return tensor
 
+    def read(self, handle) -> torch.Tensor:
+        """This matrix from an open ``safe_open`` file, reading only its expert's part of a fused tensor."""
+        if self.index is None:
+            return self.take(handle.get_tensor(self.key))
+        return type(self)(self.key, None, self.rows, self.transpose).take(handle.get_slice(self.key)[self.index])
+
 
 class MoEAdapter:
     """Base adapter for transformers-style MoE blocks: ``layers[i].<mlp>.<experts>`` and a router.

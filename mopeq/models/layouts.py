@@ -23,6 +23,11 @@ class RowBlock(DiskTensor):
         block = tensor[self.rows[0] : self.rows[1]]
         return block.t() if self.transpose else block
 
+    def read(self, handle) -> torch.Tensor:
+        """Only the expert's rows of the stack."""
+        block = handle.get_slice(self.key)[self.rows[0] : self.rows[1]]
+        return block.t() if self.transpose else block
+
 
 def megablocks(w1: str, v1: str, w2: str, expert: int, inter: int) -> dict[str, DiskTensor]:
     rows = (expert * inter, (expert + 1) * inter)

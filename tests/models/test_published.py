@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from mopeq.models import open_model, read_config
+from mopeq.models.base import ExpertRef
 from mopeq.profiler.calibration import summary
 from mopeq.profiler.curvature import SOURCES
 from mopeq.profiler.profile import profile_model
@@ -52,7 +53,10 @@ def test_published_config_chain(name, tmp_path):
     streamer = LayerStreamer(directory)  # routed experts stay as stored, one expert upcast at a time
     layer = streamer.adapter.moe_layers()[-1]
     streamer.load_layer(layer)
-    assert isinstance(streamer.adapter.experts_module(layer), StreamedExperts)
+    experts = streamer.adapter.experts_module(layer)
+    gate = streamer.adapter.disk_tensors(ExpertRef(layer, 0), streamer.reader.keys)["gate"]
+    assert isinstance(experts, StreamedExperts)
+    assert {p.dtype for p in experts.parameters()} == {streamer.reader.read(gate.key).dtype}  # no float32 copy
     assert [(e.id, e.tokens) for e in streamed.experts] == [(e.id, e.tokens) for e in profile.experts]
     assert streamed.meta.calibration["loss"] == pytest.approx(profile.meta.calibration["loss"], rel=1e-5)
     for a, b in zip(profile.experts, streamed.experts):
