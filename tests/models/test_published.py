@@ -52,9 +52,9 @@ def test_published_config_chain(name, tmp_path):
     streamed, _ = profile_streamed(directory, calib, info, bits=(8,), group_size=16, **curvature)
     streamer = LayerStreamer(directory)  # routed experts stay as stored, one expert upcast at a time
     layer = streamer.adapter.moe_layers()[-1]
+    gate = streamer.adapter.disk_tensors(ExpertRef(layer, 0), streamer.reader.keys)["gate"]
     streamer.load_layer(layer)
     experts = streamer.adapter.experts_module(layer)
-    gate = streamer.adapter.disk_tensors(ExpertRef(layer, 0), streamer.reader.keys)["gate"]
     assert isinstance(experts, StreamedExperts)
     assert {p.dtype for p in experts.parameters()} == {streamer.reader.read(gate.key).dtype}  # no float32 copy
     assert [(e.id, e.tokens) for e in streamed.experts] == [(e.id, e.tokens) for e in profile.experts]
