@@ -505,9 +505,7 @@ def compile_artifact(model: str | Path, plan: Plan, output: Path, overwrite: boo
     if config_hash(config) != plan.config_hash:
         raise InputError(f"plan was made for another model (config hash {plan.config_hash}, "
                          f"{directory} has {config_hash(config)}); re-run `mopeq profile` and `mopeq plan`")
-    output = Path(output)
-    if output.exists() and not overwrite:
-        raise InputError(f"{output}: already exists (pass --overwrite to replace it)")
+    output = check_output(output, overwrite, directory)
     adapter = skeleton(config, directory)
     shard_of = source_shards(directory)
     jobs = plan_jobs(plan, adapter, set(shard_of))
@@ -523,6 +521,28 @@ def compile_artifact(model: str | Path, plan: Plan, output: Path, overwrite: boo
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return output
+
+
+def check_output(output: Path, overwrite: bool, source: Path) -> Path:
+    """The artifact folder ``output`` as an absolute path, or a one-line ``InputError``: it must have a name, must
+    not hold (or be inside) the model being read, and ``--overwrite`` replaces only a folder holding a mopeq
+    artifact (its ``mopeq.json``) or an empty one, never a user's other files."""
+    out = Path(os.path.abspath(output))
+    if out.name in ("", ".", ".."):
+        raise InputError(f"-o {output}: not a folder name an artifact can be written to; give a new folder, e.g. "
+                         f"{Path(output) / 'artifact'}")
+    real, src = out.resolve(), Path(source).resolve()
+    if real == src or real in src.parents or src in real.parents:
+        raise InputError(f"-o {output}: is or overlaps the model being read ({source}); write the artifact elsewhere")
+    if out.exists() or out.is_symlink():
+        if not overwrite:
+            raise InputError(f"{output}: already exists (pass --overwrite to replace it)")
+        if not out.is_dir() or out.is_symlink():
+            raise InputError(f"{output}: not a folder; --overwrite replaces only a mopeq artifact folder")
+        if not (out / MANIFEST).is_file() and any(out.iterdir()):
+            raise InputError(f"{output}: not a mopeq artifact (no {MANIFEST}); --overwrite replaces only a folder "
+                             f"mopeq wrote; move its files away or choose another -o")
+    return out
 
 
 def _replace(tmp: Path, output: Path) -> None:

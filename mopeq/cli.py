@@ -146,8 +146,9 @@ def cmd_profile(args) -> None:
     from .profiler.curvature import parse_sources
     from .profiler.stream import parse_memory, profile_streamed
     from .safety import choose_profile_mode
-    from .schemas import write_profile
+    from .schemas import check_file_output, write_profile
 
+    check_file_output(args.output)  # before any work
     bits = _bits(args.bits)
     if args.group_size < 1:
         raise InputError(f"--group-size: got {args.group_size}, expected a positive integer")
@@ -225,8 +226,9 @@ def _tokenizer(directory: Path):
 
 def cmd_plan(args) -> None:
     from .planner import load_spec, make_plan
-    from .schemas import read_profile, write_plan
+    from .schemas import check_file_output, read_profile, write_plan
 
+    check_file_output(args.output)
     spec = load_spec(args.spec)
     plan = make_plan(spec, read_profile(args.profile))
     write_plan(plan, args.output)
@@ -236,15 +238,13 @@ def cmd_plan(args) -> None:
 
 
 def cmd_compile(args) -> None:
-    from .compiler.artifact import compile_artifact
+    from .compiler.artifact import check_output, compile_artifact, make_quantizer
+    from .compiler.gptq import GPTQSettings
+    from .models import resolve_dir
     from .schemas import read_plan
 
-    from .compiler.artifact import make_quantizer
-    from .compiler.gptq import GPTQSettings
-
     plan = read_plan(args.plan)
-    if args.output.exists() and not args.overwrite:
-        raise InputError(f"{args.output}: already exists (pass --overwrite to replace it)")
+    args.output = check_output(args.output, args.overwrite, resolve_dir(args.model))  # before any work
     if args.damp <= 0:
         raise InputError(f"--damp: got {args.damp}, expected a positive number")
     grams = args.grams

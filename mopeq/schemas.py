@@ -10,8 +10,9 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import networkx as nx
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -232,9 +233,17 @@ def _read_json(path: Path, what: str) -> Any:
         raise InputError(f"{path}: not valid JSON ({str(exc).splitlines()[0][:200]})") from None
 
 
+def check_file_output(path) -> Path:
+    """``path`` if a file can be written there; a one-line ``InputError`` for a folder (``.``, ``/``, a directory)."""
+    path = Path(path)
+    if Path(os.path.abspath(path)).name in ("", ".", "..") or path.is_dir():
+        raise InputError(f"-o {path}: is a folder; give a file name, e.g. {path / 'out.json'}")
+    return path
+
+
 def _atomic_write_json(path: Path, data: Any) -> None:
     """Write to a temporary file beside ``path`` and rename it into place."""
-    path = Path(path)
+    path = check_file_output(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")

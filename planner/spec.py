@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import re
+import reprlib
 from enum import Enum
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
@@ -279,7 +280,12 @@ def _problem(error: dict) -> str:
         return "unknown field"
     message = error["msg"].removeprefix("Value error, ")
     expected = _EXPECTED.get(kind, message[:1].lower() + message[1:])
-    return expected if isinstance(value, dict) else f"got {value!r}, {expected}"
+    return expected if isinstance(value, dict) else f"got {_SHORT.repr(value)}, {expected}"
+
+
+# an alias bomb (YAML anchors nested 9 deep: billions of leaves) is shown as a few items, not expanded
+_SHORT = reprlib.Repr()
+_SHORT.maxlevel, _SHORT.maxlist, _SHORT.maxtuple, _SHORT.maxdict, _SHORT.maxstring = 2, 4, 4, 4, 60
 
 
 def write_schema(path) -> None:

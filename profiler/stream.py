@@ -4,7 +4,8 @@ The module tree is built on the ``meta`` device; everything outside the decoder 
 vision tower, final norm, head) is loaded once, then each decoder layer is read from the safetensors
 shards (``safe_open``), run on the carried hidden states of every calibration batch with the
 ``RoutingRecorder`` attached, profiled (routing statistics, layer-local trace, quantization error,
-similarity) and sent back to ``meta``. Peak weight memory is the non-layer weights plus one layer.
+similarity) and sent back to ``meta``. Peak weight memory is the non-layer weights plus one layer, whose
+routed experts stay in the checkpoint's dtype (``StreamedExperts``: float32 products, one expert at a time).
 
 Loss curvature (``hessian``, ``fisher``, ``gauss-newton``) streams too: every layer's input is kept
 (RAM or a scratch folder) and backward sweeps walk the layers from the last to the first, one resident
@@ -25,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from ..models import LoadedModel, read_config, resolve_dir, skeleton
@@ -34,7 +35,6 @@ from ..models.empty import empty_weights
 from ..schemas import ExpertNode, InputError, Profile, ProfileMeta
 from .curvature import scored_tokens, shift_scored, total_tokens
 from .profile import RoutingRecorder, add_sensitivity, expert_node, non_expert_bytes, similarity_edges
-
 
 
 def _libc():
@@ -148,7 +148,7 @@ class LayerStreamer:
         keys = [k for k in self.reader.keys if self.adapter.memory_key(k).startswith(prefix) and k not in consumed]
         tensors = self.adapter.memory_tensors({k: self.reader.read(k) for k in keys})
         stored = set(module.state_dict())
-        for name, value in list(module.named_parameters()) + [(n, b) for n, b in module.named_buffers() if n in stored]:
+        for name, _ in list(module.named_parameters()) + [(n, b) for n, b in module.named_buffers() if n in stored]:
             if name in routed:
                 continue
             if prefix + name not in tensors:
@@ -243,11 +243,18 @@ def save_layer(directory: Path, layer: int, key: str, nodes, edges, hidden: list
             old.unlink()
 
 
-def load_finished(directory: Path, key: str) -> tuple[dict[int, dict], list[torch.Tensor] | None]:
+def load_finished(directory: Path, key: str, batches: int) -> tuple[dict[int, dict], list[torch.Tensor] | None]:
     """Finished layers ``{layer: record}`` and the hidden states after the last one (None if none)."""
     done = {}
+    damaged = "damaged resume checkpoint ({}); delete it or use a fresh --resume directory"
     for path in sorted(directory.glob("layer-*.json")):
-        record = json.loads(path.read_text())
+        try:
+            record = json.loads(path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+            raise InputError(f"{path}: " + damaged.format("not valid JSON")) from None
+        if not isinstance(record, dict) or not isinstance(record.get("layer"), int) or \
+                not isinstance(record.get("nodes"), list) or not isinstance(record.get("edges"), list):
+            raise InputError(f"{path}: " + damaged.format("expected an object with layer, nodes and edges"))
         if record.get("key") != key:
             raise InputError(f"{path}: checkpoint of a different model, calibration or settings; "
                              "use another --resume directory")
@@ -257,8 +264,12 @@ def load_finished(directory: Path, key: str) -> tuple[dict[int, dict], list[torc
     hidden_path = directory / f"hidden-{max(done):05d}.safetensors"
     if not hidden_path.is_file():
         raise InputError(f"{hidden_path}: missing hidden states for the last finished layer; use a fresh --resume directory")
-    state = load_file(str(hidden_path))
-    return done, [state[f"batch{i}"] for i in range(len(state))]
+    try:
+        state = load_file(str(hidden_path))
+        return done, [state[f"batch{i}"] for i in range(batches)]
+    except (SafetensorError, KeyError, OSError, ValueError) as exc:  # truncated file, a batch missing
+        raise InputError(f"{hidden_path}: " + damaged.format(str(exc).splitlines()[0][:120] if str(exc) else
+                                                             type(exc).__name__)) from None
 
 
 # --- the streamed profile --------------------------------------------------------------------------------
@@ -284,7 +295,7 @@ def profile_streamed(path, batches: list[dict], calibration: dict, bits=(2, 3, 4
     if curvature:
         settings.update(curvature=list(curvature), probes=probes, tolerance=tolerance)
     key = run_key(loaded.config_hash, calibration, settings)
-    done, hidden = load_finished(Path(checkpoint_dir), key) if checkpoint_dir else ({}, None)
+    done, hidden = load_finished(Path(checkpoint_dir), key, len(batches)) if checkpoint_dir else ({}, None)
     if boundaries is None and checkpoint_dir is not None and curvature:
         boundaries = Path(checkpoint_dir) / "boundaries"  # resumable with the layers
     store = BoundaryStore(boundaries)

@@ -82,3 +82,16 @@ def test_errors_name_path_and_line(tmp_path, text, line, message):
 def test_missing_file(tmp_path):
     with pytest.raises(InputError, match="spec file not found"):
         load_spec(tmp_path / "nope.yaml")
+
+
+def test_yaml_alias_bomb_is_refused_in_a_short_line(tmp_path):
+    """Anchors nested 9 deep (9^10 leaves from 600 bytes) as a field value: the error shows a few items."""
+    lines = ["version: 1", "bits: [2, 3, 4]", "budget: {avg_bits: 2.5}", "sensitivity:",
+             "  - &a0 [lol, lol, lol, lol, lol, lol, lol, lol, lol]"]
+    lines += [f"  - &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, 10)]
+    path = tmp_path / "bomb.yaml"
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(InputError) as err:
+        load_spec(path)
+    message = str(err.value)
+    assert message.startswith(f"{path}:5: sensitivity: got [") and len(message) < 400 and "\n" not in message

@@ -156,3 +156,29 @@ def test_hessian_sweep_resumes_per_layer(tiny_dir, calib, tmp_path, monkeypatch,
     write_profile(resumed, tmp_path / "a.json")
     write_profile(fresh, tmp_path / "b.json")
     assert (tmp_path / "a.json").read_bytes() == (tmp_path / "b.json").read_bytes()
+
+
+@pytest.mark.parametrize("damage", ["truncated", "list", "missing-batch"])
+def test_damaged_resume_folder_is_refused_in_one_line(tiny_dir, calib, tmp_path, damage):
+    from safetensors.torch import load_file, save_file
+
+    batches, info = calib
+    ckpt = tmp_path / "ckpt"
+
+    def stop(layer):
+        raise Interrupt(layer)
+
+    with pytest.raises(Interrupt):
+        profile_streamed(tiny_dir, batches, info, bits=(2,), group_size=8, checkpoint_dir=ckpt, on_layer_done=stop)
+    record, hidden = ckpt / "layer-00000.json", ckpt / "hidden-00000.safetensors"
+    if damage == "truncated":
+        record.write_text(record.read_text()[:40])
+    elif damage == "list":
+        record.write_text("[1, 2]")
+    else:
+        state = load_file(str(hidden))
+        state.pop(f"batch{len(state) - 1}")
+        save_file(state, str(hidden))
+    with pytest.raises(InputError, match="damaged resume checkpoint") as err:
+        profile_streamed(tiny_dir, batches, info, bits=(2,), group_size=8, checkpoint_dir=ckpt)
+    assert "\n" not in str(err.value)

@@ -81,9 +81,12 @@ def test_compile_stopped_leaves_the_previous_artifact_or_the_new_one(tiny_dir, r
                                                                      point):
     from mopeq.compiler import artifact
 
+    import shutil
+
     out = tmp_path / "artifact"
-    out.mkdir()
-    (out / "previous.txt").write_text("an older artifact")
+    shutil.copytree(reference / "artifact", out)  # an older artifact (mopeq's manifest) with a file of its own
+    (out / "NOTE.txt").write_text("from an earlier compile")
+    previous = tree_bytes(out)
     args = ["compile", tiny_dir, "--plan", reference / "plan.json", "-o", out, "--overwrite"]
     with monkeypatch.context() as patch:
         if point == "writing":
@@ -95,7 +98,7 @@ def test_compile_stopped_leaves_the_previous_artifact_or_the_new_one(tiny_dir, r
     if point == "after-rename":
         assert tree_bytes(out) == tree_bytes(reference / "artifact")
     else:
-        assert tree_bytes(out) == {"previous.txt": b"an older artifact"}  # untouched until the new one is complete
+        assert tree_bytes(out) == previous  # untouched until the new one is complete
     assert main(args) == 0
     assert tree_bytes(out) == tree_bytes(reference / "artifact")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["artifact"]  # no partial or moved-aside folder left
