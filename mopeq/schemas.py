@@ -11,6 +11,7 @@ import hashlib
 import json
 import math
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -231,6 +232,28 @@ def _read_json(path: Path, what: str) -> Any:
         return json.loads(path.read_text())
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise InputError(f"{path}: not valid JSON ({str(exc).splitlines()[0][:200]})") from None
+
+
+_SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*(?:([kKmMgGtT])(iB|B)?|B)?\s*$")
+
+
+def parse_bytes(value: Any) -> int:
+    """The one size syntax of specs and ``--max-memory``: a byte count, SI (``"3.5 GB"`` = 3.5e9, ``"12kB"``),
+    IEC (``"900MiB"``) or a bare letter, binary as in ``ulimit`` and container limits (``"8G"`` = 8 GiB).
+    ``ValueError`` for anything else."""
+    if isinstance(value, bool):
+        raise ValueError("expected a byte count or a size like '3.5 GB'")
+    if isinstance(value, (int, float)) and value > 0 and float(value).is_integer():
+        return int(value)
+    match = _SIZE.match(value) if isinstance(value, str) else None
+    if not match:
+        raise ValueError("expected a positive byte count or a size like '3.5 GB', '900MiB', '8G', '12kB'")
+    number, letter, suffix = match.groups()
+    power = "kmgt".index(letter.lower()) + 1 if letter else 0
+    size = float(number) * (1000 if suffix == "B" else 1024) ** power
+    if size < 1:
+        raise ValueError("expected a size of at least 1 byte")
+    return int(round(size))
 
 
 def check_file_output(path) -> Path:

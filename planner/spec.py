@@ -13,38 +13,19 @@ Example (``specs/demo.yaml``)::
 from __future__ import annotations
 
 import json
-import re
 import reprlib
 from enum import Enum
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Literal, Optional, Union
 
 import numpy as np
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from mopeq.schemas import InputError
+from mopeq.schemas import InputError, parse_bytes
 
 ALLOWED_BITS = (2, 3, 4, 8)
 VLLM_BITS = (4, 8)
-_UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12,
-          "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}
-_SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*(?:([kKmMgGtT]i?)?B)?\s*$")
-
-
-def parse_bytes(value: Any) -> int:
-    """``"3.5 GB"`` -> 3500000000, ``"900MiB"`` -> 943718400, ``12000`` -> 12000 (SI and IEC units)."""
-    if isinstance(value, bool):
-        raise ValueError("expected a byte count or a size like '3.5 GB'")
-    if isinstance(value, (int, float)) and value > 0 and float(value).is_integer():
-        return int(value)
-    match = _SIZE.match(value) if isinstance(value, str) else None
-    if not match:
-        raise ValueError("expected a positive byte count or a size like '3.5 GB', '900MiB', '12kB'")
-    size = float(match.group(1)) * _UNITS[(match.group(2) or "").lower()]
-    if size < 1:
-        raise ValueError("expected a size of at least 1 byte")
-    return int(round(size))
 
 
 class Scope(str, Enum):

@@ -32,7 +32,7 @@ from safetensors.torch import load_file, save_file
 from ..models import LoadedModel, read_config, resolve_dir, skeleton
 from ..models.base import ExpertRef
 from ..models.empty import empty_weights
-from ..schemas import ExpertNode, InputError, Profile, ProfileMeta
+from ..schemas import ExpertNode, InputError, Profile, ProfileMeta, parse_bytes
 from .curvature import scored_tokens, shift_scored, total_tokens
 from .profile import RoutingRecorder, add_sensitivity, expert_node, non_expert_bytes, similarity_edges
 
@@ -388,20 +388,12 @@ def _model_id(path, config: dict) -> str:
 
 # --- CLI helpers -----------------------------------------------------------------------------------------
 
-UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
-
-
 def parse_memory(text: str) -> int:
-    """``"8G"``, ``"512MiB"``, ``"1000000"`` -> bytes (binary units)."""
-    raw = text.strip().upper().removesuffix("IB").removesuffix("B")
-    unit = raw[-1:] if raw[-1:] in UNITS and not raw[-1:].isdigit() else ""
+    """``--max-memory``: ``"8G"`` (GiB), ``"1500M"``, ``"900MiB"``, ``"8GB"`` (1e9), a byte count (``schemas.parse_bytes``)."""
     try:
-        value = float(raw[: len(raw) - len(unit)])
-    except ValueError:
-        raise InputError(f"--max-memory: got {text!r}, expected a size like 8G, 512M or a byte count") from None
-    if value <= 0:
-        raise InputError(f"--max-memory: got {text!r}, expected a positive size")
-    return int(value * UNITS[unit])
+        return parse_bytes(text)
+    except ValueError as exc:
+        raise InputError(f"--max-memory: got {text!r}, {exc}") from None
 
 
 def checkpoint_bytes(directory: Path) -> int:

@@ -6,7 +6,8 @@ from mopeq.schemas import InputError
 
 
 @pytest.mark.parametrize("text,value", [("3.5 GB", 3_500_000_000), ("900MiB", 900 * 2**20), ("12kB", 12_000),
-                                        ("1 GiB", 2**30), ("100", 100), (4096, 4096), ("2e3 B", 2000), (1e9, 10**9)])
+                                        ("1 GiB", 2**30), ("100", 100), (4096, 4096), ("2e3 B", 2000), (1e9, 10**9),
+                                        ("8G", 8 * 2**30), ("1500M", 1500 * 2**20)])
 def test_parse_bytes(text, value):
     assert parse_bytes(text) == value
 
@@ -95,3 +96,14 @@ def test_yaml_alias_bomb_is_refused_in_a_short_line(tmp_path):
         load_spec(path)
     message = str(err.value)
     assert message.startswith(f"{path}:5: sensitivity: got [") and len(message) < 400 and "\n" not in message
+
+
+def test_spec_and_max_memory_read_sizes_alike():
+    """One parser: "8GB" is 8e9 bytes in a spec and for --max-memory, "8G" and "8GiB" 8 x 2^30 in both."""
+    from mopeq.profiler.stream import parse_memory
+
+    for text in ("8GB", "8G", "8GiB", "1500M", "512 MB", "4096"):
+        assert parse_memory(text) == parse_bytes(text)
+    assert parse_memory("8GB") == 8 * 10**9 and parse_memory("8G") == 8 * 2**30
+    with pytest.raises(InputError, match="--max-memory: got 'lots'"):
+        parse_memory("lots")
