@@ -644,7 +644,7 @@ def _write_metadata(tmp: Path, source: Path, config: dict, plan: Plan, jobs, wei
                 "shards": {s: digests[s] for s in shards},
                 "versions": _versions(), "source_config_hash": config_hash(config),
                 "quantizer": quantizer.describe()}
-    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True, allow_nan=False) + "\n")
 
 
 def _versions() -> dict:

@@ -119,6 +119,10 @@ def write_profile(profile: Profile, path: Path) -> None:
 def read_profile(path: Path) -> Profile:
     raw = _read_json(path, "profile")
     _check_node_link(path, raw)
+    ids = [n["id"] for n in raw.get("nodes", [])]
+    if len(set(map(str, ids))) < len(ids):
+        twice = next(i for i in ids if ids.count(i) > 1)
+        raise InputError(f"{path}: expert {twice} listed twice; not a mopeq profile")
     try:
         graph = nx.node_link_graph(raw, edges="edges")
         meta = ProfileMeta(**graph.graph)
@@ -229,9 +233,24 @@ def _read_json(path: Path, what: str) -> Any:
     if not path.is_file():
         raise InputError(f"{path}: {what} file not found")
     try:
-        return json.loads(path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        return strict_json(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # JSONDecodeError is a ValueError
         raise InputError(f"{path}: not valid JSON ({str(exc).splitlines()[0][:200]})") from None
+
+
+def strict_json(text: str) -> Any:
+    """``json.loads`` that refuses what strict readers refuse: ``NaN``/``Infinity`` and duplicate keys (which
+    would otherwise silently keep the last)."""
+    def no_constant(name):
+        raise ValueError(f"{name} is not a JSON number")
+
+    def unique(pairs):
+        keys = [k for k, _ in pairs]
+        if len(set(keys)) < len(keys):
+            raise ValueError(f"duplicate key {next(k for k in keys if keys.count(k) > 1)!r}")
+        return dict(pairs)
+
+    return json.loads(text, parse_constant=no_constant, object_pairs_hook=unique)
 
 
 _SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*(?:([kKmMgGtT])(iB|B)?|B)?\s*$")
@@ -269,5 +288,9 @@ def _atomic_write_json(path: Path, data: Any) -> None:
     path = check_file_output(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
+    try:
+        text = json.dumps(data, indent=1, sort_keys=True, allow_nan=False) + "\n"
+    except ValueError:
+        raise InputError(f"{path}: a value is NaN or infinite; nothing written (strict JSON readers refuse them)") from None
+    tmp.write_text(text)
     tmp.replace(path)
