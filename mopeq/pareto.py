@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .schemas import InputError
+from .schemas import InputError, atomic_write
 
 DEFAULT_METHODS = ("hessian", "fisher", "gauss-newton", "hessian-local", "ablation", "frequency")
 BOOTSTRAP = 2000
@@ -125,10 +125,7 @@ def _save_point(path: Path, point: dict, measured: Measured) -> None:
 
 
 def _atomic_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+    atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
 def _load_point(path: Path, profile_sha: str):
@@ -242,8 +239,7 @@ def write_outputs(out: Path, results, judge: DemoJudge) -> dict:
     comparisons = compare(results)
     _atomic_text(out / "points.json", json.dumps({"version": 1, "unquantized": reference, "points": rows,
                                                   "comparisons": comparisons}, indent=1) + "\n")
-    plot(rows, reference, out / ".pareto.png.tmp")
-    (out / ".pareto.png.tmp").replace(out / "pareto.png")
+    atomic_write(out / "pareto.png", lambda tmp: plot(rows, reference, tmp))
     _atomic_text(out / "report.md", report(rows, reference, comparisons))
     return {"unquantized": reference, "points": rows, "comparisons": comparisons}
 

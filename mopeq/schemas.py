@@ -283,14 +283,25 @@ def check_file_output(path) -> Path:
     return path
 
 
-def _atomic_write_json(path: Path, data: Any) -> None:
-    """Write to a temporary file beside ``path`` and rename it into place."""
-    path = check_file_output(path)
+def atomic_write(path, write) -> Path:
+    """``write(tmp)`` to a hidden temporary file beside ``path``, then rename it into place: readers see the old
+    file or the whole new one. If writing fails (a full disk, an interruption) the temporary file is removed."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _atomic_write_json(path: Path, data: Any) -> None:
+    path = check_file_output(path)
     try:
         text = json.dumps(data, indent=1, sort_keys=True, allow_nan=False) + "\n"
     except ValueError:
         raise InputError(f"{path}: a value is NaN or infinite; nothing written (strict JSON readers refuse them)") from None
-    tmp.write_text(text)
-    tmp.replace(path)
+    atomic_write(path, lambda tmp: tmp.write_text(text))

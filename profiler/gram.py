@@ -32,6 +32,7 @@ from tqdm import tqdm
 from ..compiler.gptq import GRAMS_VERSION, GramWeighting
 from ..models import LoadedModel
 from ..models.base import ExpertRef
+from ..schemas import atomic_write
 from ..schemas import config_hash as hash_config
 
 
@@ -123,12 +124,8 @@ def collect_grams(loaded: LoadedModel, batches: list[dict], weighting: GramWeigh
 
 def save_grams(recorder: GramRecorder, config_hash: str, path: Path, calibration: str = "") -> Path:
     """Write ``grams.safetensors``: every expert's ``.in``/``.mid`` Gram (float32) and the metadata."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file(_float32(recorder.grams), str(tmp), metadata=_metadata(recorder, config_hash, calibration))
-    tmp.replace(path)
-    return path
+    metadata = _metadata(recorder, config_hash, calibration)
+    return atomic_write(path, lambda tmp: save_file(_float32(recorder.grams), str(tmp), metadata=metadata))
 
 
 def _float32(grams: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -225,17 +222,13 @@ def merge_parts(parts: list[Path], path: Path, metadata: dict[str, str], chunk_b
         offset += end - begin
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
+    def write(tmp: Path) -> None:
         with open(tmp, "wb") as out:
             out.write(struct.pack("<Q", len(raw)) + raw)
             for name in sorted(entries):
                 _copy_bytes(entries[name][0], entries[name][1], entries[name][2]["data_offsets"], out, chunk_bytes)
-        tmp.replace(path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
+
+    return atomic_write(path, write)
 
 
 def _copy_bytes(part: Path, start: int, offsets: list[int], out, chunk_bytes: int) -> None:

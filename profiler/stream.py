@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,7 +31,7 @@ from safetensors.torch import load_file, save_file
 from ..models import LoadedModel, read_config, resolve_dir, skeleton
 from ..models.base import ExpertRef
 from ..models.empty import empty_weights
-from ..schemas import ExpertNode, InputError, Profile, ProfileMeta, parse_bytes
+from ..schemas import ExpertNode, InputError, Profile, ProfileMeta, atomic_write, parse_bytes
 from .curvature import scored_tokens, shift_scored, total_tokens
 from .profile import RoutingRecorder, add_sensitivity, expert_node, non_expert_bytes, similarity_edges
 
@@ -225,19 +224,13 @@ def run_key(config_hash: str, calibration: dict, settings: dict) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def _atomic(path: Path, write) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
-
-
 def save_layer(directory: Path, layer: int, key: str, nodes, edges, hidden: list[torch.Tensor]) -> None:
     """Hidden states first, then the layer JSON (the commit point), then drop older hidden states."""
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {f"batch{i}": h.contiguous() for i, h in enumerate(hidden)}
-    _atomic(directory / f"hidden-{layer:05d}.safetensors", lambda p: save_file(tensors, str(p), {"key": key}))
+    atomic_write(directory / f"hidden-{layer:05d}.safetensors", lambda p: save_file(tensors, str(p), {"key": key}))
     record = {"key": key, "layer": layer, "nodes": [n.model_dump() for n in nodes], "edges": edges}
-    _atomic(directory / f"layer-{layer:05d}.json", lambda p: p.write_text(json.dumps(record, sort_keys=True)))
+    atomic_write(directory / f"layer-{layer:05d}.json", lambda p: p.write_text(json.dumps(record, sort_keys=True)))
     for old in directory.glob("hidden-*.safetensors"):
         if old.name != f"hidden-{layer:05d}.safetensors":
             old.unlink()

@@ -33,7 +33,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from ..models.base import MATRICES, ExpertRef
-from ..schemas import InputError, Trace
+from ..schemas import InputError, Trace, atomic_write
 from .curvature import (CurvatureSource, converged, expert_blocks, layer_probe, rademacher, sample_batches,
                         scored_tokens, softmax_root_times, summarize, total_tokens)
 from .stream import release_heap
@@ -53,11 +53,8 @@ class BoundaryStore:
         if self.folder is None:
             self.ram[layer] = [h.detach() for h in hidden]
             return
-        self.folder.mkdir(parents=True, exist_ok=True)
-        path = self.folder / f"input-{layer:05d}.safetensors"
-        tmp = path.with_name(path.name + ".tmp")
-        save_file({f"batch{i}": h.detach().contiguous() for i, h in enumerate(hidden)}, str(tmp))
-        tmp.replace(path)
+        tensors = {f"batch{i}": h.detach().contiguous() for i, h in enumerate(hidden)}
+        atomic_write(self.folder / f"input-{layer:05d}.safetensors", lambda tmp: save_file(tensors, str(tmp)))
 
     def get(self, layer: int):
         """The batches' inputs of ``layer``: a list, or (on disk) a sequence reading one batch per access."""
@@ -99,11 +96,8 @@ class SweepCheckpoint:
         self.folder = Path(folder) if folder is not None else None
 
     def _write(self, name: str, tensors: dict, meta: dict | None = None) -> None:
-        self.folder.mkdir(parents=True, exist_ok=True)
-        path = self.folder / f"{name}.safetensors"
-        tmp = path.with_name(path.name + ".tmp")
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), meta)
-        tmp.replace(path)
+        tensors = {k: v.contiguous() for k, v in tensors.items()}
+        atomic_write(self.folder / f"{name}.safetensors", lambda tmp: save_file(tensors, str(tmp), meta))
 
     def _read(self, name: str) -> dict | None:
         path = self.folder / f"{name}.safetensors" if self.folder else None
@@ -177,11 +171,7 @@ class Stream:
         if self.folder is None:
             self.value = value
             return
-        self.folder.mkdir(parents=True, exist_ok=True)
-        path = self.file(layer)
-        tmp = path.with_name(path.name + ".tmp")
-        save_file({"c": value.contiguous()}, str(tmp))
-        tmp.replace(path)
+        path = atomic_write(self.file(layer), lambda tmp: save_file({"c": value.contiguous()}, str(tmp)))
         self.previous, self.path = self.path, path
 
     def drop_previous(self) -> None:

@@ -52,7 +52,7 @@ def reference(tiny_dir, tiny_spec, tmp_path_factory):
 
 
 # the streamed profile's commit points: each layer's hidden states, then its record (2 layers), then the profile
-PROFILE_COMMITS = [("mopeq.profiler.stream", "_atomic", n) for n in range(4)] + [("mopeq.schemas", "write_profile", 0)]
+PROFILE_COMMITS = [("mopeq.profiler.stream", "atomic_write", n) for n in range(4)] + [("mopeq.schemas", "write_profile", 0)]
 
 
 @pytest.mark.parametrize("after", [False, True], ids=["before", "after"])
