@@ -479,6 +479,9 @@ def cmd_estimate(args) -> None:
           f"(with curvature {m['profile_in_memory_curvature']:.2f}), layer-streamed {m['profile_streamed']:.2f} "
           f"(with curvature {m['profile_streamed_curvature']:.2f}, or {m['profile_streamed_curvature_disk']:.2f} with "
           f"layer inputs on disk); compile {m['compile']:.2f}; run {m['run']:.2f}")
+    keys = {source: "profile_streamed_" + source.replace("-", "_") for source in ("fisher", "gauss-newton", "hessian")}
+    print("layer-streamed per curvature source (GB, layer inputs in RAM / on disk): " +
+          ", ".join(f"{source} {m[key]:.2f} / {m[key + '_disk']:.2f}" for source, key in keys.items()))
 
 
 COMMANDS = {"profile": cmd_profile, "plan": cmd_plan, "compile": cmd_compile, "run": cmd_run,

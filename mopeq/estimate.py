@@ -93,11 +93,16 @@ def memory_gb(shape: MoEShape, planned_expert_bytes: int, calib_tokens: int, bat
     plain, full = (memory_needs(shape.layer_params, total, shape.vocab, shape.hidden, batch_tokens, calib_tokens, w,
                                 routed) for w in (False, True))
     in_ram, on_disk = streamed_curvature_needs(plain, ["gauss-newton"], 8)
+    per_source = {}  # layer-streamed, one source at a time: (inputs in RAM, on disk); probe blocks of 8
+    for source in ("fisher", "gauss-newton", "hessian"):
+        ram, disk = streamed_curvature_needs(plain, [source], 8)
+        per_source[f"profile_streamed_{source.replace('-', '_')}"] = ram / 1e9
+        per_source[f"profile_streamed_{source.replace('-', '_')}_disk"] = disk / 1e9
     per_layer_experts = max(shape.layer_params) * 2  # bf16 source
     layers = max(len(shape.moe_layers), 1)
     return {"profile_in_memory": plain["in_memory"] / 1e9, "profile_in_memory_curvature": full["in_memory"] / 1e9,
             "profile_streamed": plain["streamed"] / 1e9,
-            "profile_streamed_curvature": in_ram / 1e9, "profile_streamed_curvature_disk": on_disk / 1e9,
+            "profile_streamed_curvature": in_ram / 1e9, "profile_streamed_curvature_disk": on_disk / 1e9, **per_source,
             "compile": (per_layer_experts + planned_expert_bytes / layers) / 1e9,
             "run": (planned_expert_bytes + 2 * shape.non_expert_params) / 1e9}
 

@@ -221,8 +221,10 @@ def memory_needs(layer_params: list[int], total_params: int, vocab: int, hidden:
 def streamed_curvature_needs(need: dict[str, int], curvature: list[str], probes: int) -> tuple[int, int]:
     """``(boundaries and cotangents in RAM, in a scratch folder)``: peak bytes of a streamed curvature profile.
     ``probes``: a gauss-newton / Hessian block (their streams' cotangents or tangents are kept together)."""
-    if "hessian" in curvature:  # the family's float32 layer, and one tangent per probe beside each boundary
+    if "hessian" in curvature:  # the family's float32 layer, one tangent per probe beside each boundary, and the
+        # backward pass's gradient and its tangent per probe for every batch (held in RAM)
         base = need["streamed"] - need["largest_layer_streamed"] + need["largest_layer"] + need["layer_backward_hessian"]
+        base += need["cotangents"] * (probes + 1)
         return base + need["boundaries"] * (1 + probes), base + need["cotangents_batch"] * probes
     slots = probes if "gauss-newton" in curvature else 1
     base = need["streamed"] + need["layer_backward"]

@@ -162,7 +162,7 @@ def test_estimated_memory_equals_what_max_memory_plans_with(tmp_path):
     """`mopeq estimate`'s per-step memory (from the meta module tree) is what `--max-memory` computes from the
     checkpoint's headers, for the same calibration size; run needs the planned artifact."""
     from mopeq.estimate import estimate
-    from mopeq.safety import profile_memory
+    from mopeq.safety import profile_memory, streamed_curvature_needs
 
     directory = build("mixtral-8x7b", tmp_path / "m")
     spec = tmp_path / "spec.yaml"
@@ -177,6 +177,11 @@ def test_estimated_memory_equals_what_max_memory_plans_with(tmp_path):
     assert memory["profile_streamed"] == pytest.approx(plain["streamed"] / 1e9)
     assert memory["run"] == pytest.approx(result["total_planned_gb"])
     assert memory["profile_streamed_curvature_disk"] < memory["profile_streamed_curvature"]
+    for source in ("fisher", "gauss-newton", "hessian"):  # per source, by the rule --max-memory plans with
+        ram, disk = streamed_curvature_needs(plain, [source], 8)
+        key = "profile_streamed_" + source.replace("-", "_")
+        assert (memory[key], memory[key + "_disk"]) == pytest.approx((ram / 1e9, disk / 1e9)) and disk < ram
+    assert memory["profile_streamed_fisher"] < memory["profile_streamed_gauss_newton"] < memory["profile_streamed_hessian"]
 
 
 def test_quantized_source_is_refused(tmp_path):
