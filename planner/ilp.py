@@ -55,7 +55,8 @@ class Solution:
 
     @property
     def gap(self) -> float:
-        return max(0.0, self.objective - self.bound) / max(abs(self.objective), 1e-12)
+        # relative to the plan's own scale: predicted losses of 1e-20 are as provable as losses of 1e6
+        return max(0.0, self.objective - self.bound) / max(abs(self.objective), abs(self.bound), 1e-300)
 
 
 @dataclass
@@ -172,7 +173,9 @@ def solve_row(problem: Knapsack, hull: RowHull, budget: float, backend: str,
     upper = float(costs[np.arange(len(incumbent)), incumbent].sum())
     reduced, lagrangian = _reduced_costs(sizes, costs, lam, budget)
     bound = max(lp_bound, lagrangian)
-    target = relative_gap * abs(upper) + 1e-12 * (abs(upper) + 1.0)
+    # relative stopping rule; the absolute part covers float rounding of sums at the costs' own magnitude
+    scale = float(np.abs(costs[np.isfinite(costs)]).max(initial=0.0))
+    target = relative_gap * abs(upper) + 1e-12 * (abs(upper) + scale)
     if upper - bound <= target:
         return RowResult(incumbent, upper, min(bound, upper), True, "greedy", 0)
     keep = np.isfinite(reduced) & (reduced <= upper - lagrangian)
@@ -346,24 +349,27 @@ def _backtrack(history, state: int, picks: np.ndarray) -> np.ndarray:
 
 
 def build_core_model(core: Core):
-    """The core as a MathOpt MIP: one binary per kept (group, width), exactly one per group."""
+    """The core as a MathOpt MIP: one binary per kept (group, width), exactly one per group. Returns the model, its
+    variables, the constant left out (each group's cheapest cost) and the objective's unit (costs are divided by it)."""
     from ortools.math_opt.python import mathopt
 
     model = mathopt.Model(name="mopeq-core")
     x = {(g, w): model.add_binary_variable(name=f"x_{g}_{w}") for g, w in zip(*np.nonzero(core.keep))}
     floor = np.where(core.keep, core.costs, np.inf).min(1)  # costs relative to each group's cheapest
-    model.minimize(mathopt.fast_sum((core.costs[g, w] - floor[g]) * v for (g, w), v in x.items()))
+    excess = np.where(core.keep, core.costs - floor[:, None], 0.0)
+    unit = float(excess.max(initial=0.0)) or 1.0  # objective scaled to at most 1: HiGHS's tolerances are absolute
+    model.minimize(mathopt.fast_sum((excess[g, w] / unit) * v for (g, w), v in x.items()))
     for g in range(len(core.groups)):
         model.add_linear_constraint(mathopt.fast_sum(x[g, w] for w in np.flatnonzero(core.keep[g])) == 1)
     model.add_linear_constraint(mathopt.fast_sum(core.sizes[g, w] * v for (g, w), v in x.items()) <= core.cap)
-    return model, x, float(floor.sum())
+    return model, x, float(floor.sum()), unit
 
 
 def _core_highs(core: Core, time_limit_s: float, seed: int, relative_gap: float):
     """Solve the core with HiGHS (MathOpt); returns picks and the proven bound of the whole row."""
     from ortools.math_opt.python import mathopt
 
-    model, x, floor = build_core_model(core)
+    model, x, floor, unit = build_core_model(core)
     params = mathopt.SolveParameters(time_limit=timedelta(seconds=time_limit_s), random_seed=seed,
                                      relative_gap_tolerance=relative_gap, absolute_gap_tolerance=0.0)
     result = mathopt.solve(model, mathopt.SolverType.HIGHS, params=params)
@@ -372,4 +378,4 @@ def _core_highs(core: Core, time_limit_s: float, seed: int, relative_gap: float)
     values = result.variable_values()
     picks = np.array([max(np.flatnonzero(core.keep[g]), key=lambda w: values[x[g, w]])
                       for g in range(len(core.groups))], dtype=int)
-    return picks, core.outside_cost + floor + result.best_objective_bound()
+    return picks, core.outside_cost + floor + unit * result.best_objective_bound()

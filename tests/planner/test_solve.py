@@ -138,3 +138,25 @@ def test_sweep_monotone_and_files(tmp_path):
     assert [p.totals["predicted_loss"] for p in sweep(spec, profile, [2.2, 3.8])] == [losses[0], losses[-1]]
     paths = write_pareto(plans, tmp_path)
     assert paths["png"].stat().st_size > 0 and len(paths["csv"].read_text().splitlines()) == 7
+
+
+@pytest.mark.parametrize("backend", ["dp", "highs"])
+@pytest.mark.parametrize("scale", [1e-30, 1e-20, 1e-13, 1e-11, 1.0, 1e13, 1e30])
+def test_optimal_means_optimal_at_any_cost_scale(scale, backend):
+    """The same knapsacks with costs multiplied by ``scale``: a plan called optimal is within the relative gap of
+    the brute-force optimum, and the reported gap is never below the real one."""
+    from mopeq.planner.ilp import Knapsack, Relaxation, solve
+
+    rng = np.random.default_rng(7)
+    for trial in range(12):
+        groups = 7
+        sizes = np.sort(rng.uniform(1, 10, (groups, 3)), axis=1)
+        costs = -np.sort(-rng.lognormal(0, 2, (groups, 3)), axis=1) * scale  # wider = cheaper
+        knapsack = Knapsack(sizes, costs, np.zeros(groups, dtype=int))
+        budget = float(sizes[:, 0].sum() + rng.uniform(0.2, 0.8) * (sizes[:, -1] - sizes[:, 0]).sum())
+        best = min(costs[np.arange(groups), c].sum() for c in itertools.product(range(3), repeat=groups)
+                   if sizes[np.arange(groups), c].sum() <= budget)
+        solution = solve(Relaxation(knapsack), {0: budget}, backend=backend)
+        real_gap = (solution.objective - best) / best
+        assert solution.status == "optimal", (trial, solution)
+        assert real_gap <= 1e-6 and solution.gap >= real_gap - 1e-9, (trial, real_gap, solution.gap)
