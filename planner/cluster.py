@@ -50,7 +50,12 @@ def _labels(profile: Profile, members: list[int], costs: np.ndarray, k: int, met
 def _kmeans_labels(costs: np.ndarray, k: int) -> list[int]:
     from sklearn.cluster import KMeans
 
-    features = np.log(np.where(np.isfinite(costs), costs, 0.0) + 1e-30)  # [n, W]
+    finite = np.where(np.isfinite(costs), costs, 0.0)  # [n, W]
+    if (finite >= 0).all():
+        features = np.log(finite + 1e-30)
+    else:  # measured ablation costs can be negative (removing an expert's error helped): a signed log
+        unit = float(np.median(np.abs(finite[finite != 0]))) if (finite != 0).any() else 1.0
+        features = np.sign(finite) * np.log1p(np.abs(finite) / unit)
     features = (features - features.mean(0)) / (features.std(0) + 1e-12)
     labels = KMeans(n_clusters=k, random_state=0, n_init=4).fit_predict(features)
     return _renumber(labels)

@@ -160,3 +160,17 @@ def test_optimal_means_optimal_at_any_cost_scale(scale, backend):
         real_gap = (solution.objective - best) / best
         assert solution.status == "optimal", (trial, solution)
         assert real_gap <= 1e-6 and solution.gap >= real_gap - 1e-9, (trial, real_gap, solution.gap)
+
+
+def test_clusters_of_negative_ablation_costs_plan_without_error():
+    """Measured ablation can lower the loss (negative cost); k-means clustering of such costs still plans, optimally."""
+    profile = random_profile(seed=11)
+    for i, node in enumerate(profile.experts):
+        if i % 3 == 0:
+            node.sensitivity["ablation"] = {k: -v for k, v in node.sensitivity.get("ablation", node.ablation).items()}
+            node.ablation = {k: -v for k, v in node.ablation.items()}
+    spec = Spec(version=1, bits=[2, 3, 4, 8], budget={"avg_bits": 3.5}, sensitivity="ablation",
+                clusters={"per_layer": 2})
+    plan = make_plan(spec, profile)
+    assert plan.solver.status == "optimal"
+    assert sorted(m for c in plan.clusters.values() for m in c["members"]) == sorted(n.id for n in profile.experts)
