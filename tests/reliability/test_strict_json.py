@@ -57,3 +57,25 @@ def test_non_finite_values_are_never_written(tmp_path):
     with pytest.raises(InputError, match="NaN or infinite; nothing written"):
         _atomic_write_json(tmp_path / "x.json", {"a": float("inf")})
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_full_disk_leaves_no_temporary_file(files, tmp_path, tiny_spec, monkeypatch, capsys):
+    """The plan write fails half-way (ENOSPC): exit 2 in one line, no `.plan.json.tmp`, an earlier plan intact."""
+    import errno
+    from pathlib import Path
+
+    out = tmp_path / "plan.json"
+    out.write_text("earlier plan")
+    real = Path.write_text
+
+    def full(self, text, *args, **kwargs):
+        if self.name.endswith(".tmp"):
+            real(self, text[: len(text) // 2], *args, **kwargs)
+            raise OSError(errno.ENOSPC, "No space left on device", str(self))
+        return real(self, text, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", full)
+    capsys.readouterr()
+    assert main(["plan", tiny_spec, "--profile", files / "profile.json", "-o", out]) == 2
+    assert "No space left on device" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["plan.json"] and out.read_text() == "earlier plan"
