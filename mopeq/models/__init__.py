@@ -74,7 +74,30 @@ def read_config(directory: Path) -> dict:
     if not isinstance(config, dict) or not isinstance(config.get("model_type"), str):
         raise InputError(f"{directory / 'config.json'}: no 'model_type' field")
     adapter_class(config, directory).check_config(config, directory / "config.json")
+    _bound_layers(config, directory)
     return config
+
+
+LAYER_FIELDS = ("num_hidden_layers", "n_layers", "num_layers")
+
+
+def _bound_layers(config: dict, directory: Path) -> None:
+    """Refuse, before anything is built, a config with more layers than its tensors could hold: every layer (of the
+    language model or a vision tower) is numbered in the tensor names, so no layer count may exceed the largest
+    number found in them (``num_hidden_layers: 1000000`` would otherwise build layers until memory runs out)."""
+    import re
+
+    if not any(directory.glob("*.safetensors")):
+        return  # a config alone (``mopeq estimate``)
+    numbers = [int(n) for key in checkpoint_shards(directory) for n in re.findall(r"\.(\d+)(?=\.)", key)]
+    most = max(numbers, default=-1) + 1
+    counts = [(f"{prefix}{k}", v) for prefix, d in [("", config)] + [(f"{k}.", v) for k, v in config.items()
+                                                                    if isinstance(v, dict)]
+              for k, v in d.items() if k in LAYER_FIELDS and isinstance(v, int)]
+    for field, count in counts:
+        if count > most:
+            raise InputError(f"{directory / 'config.json'}: {field} is {count}, but the tensors number at most {most} "
+                             f"layers; the config does not describe this checkpoint")
 
 
 def adapter_class(config: dict, where: Path) -> type[MoEAdapter]:

@@ -240,3 +240,21 @@ def test_compiler_refuses_non_finite_weights(corpus, tmp_path, capsys, monkeypat
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("mopeq")]
     assert len(errors) == 1 and f"tensor {key} (expert " in errors[0] and "NaN or infinite" in errors[0], errors
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
+
+
+@pytest.mark.parametrize("field,nested", [("num_hidden_layers", None), ("num_hidden_layers", "text_config")])
+def test_more_layers_than_the_tensors_hold_is_refused_before_building(tiny_dir, tmp_path, capsys, field, nested):
+    """``num_hidden_layers: 1000000`` (top level or in a nested config) would build layers until memory runs out:
+    profile and run refuse it in one line, from the tensor names alone."""
+    model = tmp_path / "model"
+    shutil.copytree(tiny_dir, model)
+    config = json.loads((model / "config.json").read_text())
+    (config.setdefault(nested, {}) if nested else config)[field] = 1_000_000
+    (model / "config.json").write_text(json.dumps(config))
+    name = f"{nested}.{field}" if nested else field
+    for args in (["profile", model, "--calib", model / "calib.txt", "-o", tmp_path / "p.json"],
+                 ["run", model, "--prompt", "the", "--max-new-tokens", "1"]):
+        capsys.readouterr()
+        assert main([str(a) for a in args]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and f"{name} is 1000000, but the tensors number at most" in err, err
