@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
@@ -489,8 +490,20 @@ COMMANDS = {"profile": cmd_profile, "plan": cmd_plan, "compile": cmd_compile, "r
             "estimate": cmd_estimate}
 
 
+def _quiet_transformers() -> None:
+    """transformers' warnings and load reports stay off stderr (bad input is one line of mopeq's own);
+    ``TRANSFORMERS_VERBOSITY=warning`` brings them back."""
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    if "transformers" in sys.modules:
+        from transformers.utils import logging
+
+        logging.set_verbosity(logging.get_verbosity() if os.environ["TRANSFORMERS_VERBOSITY"] != "error"
+                              else logging.ERROR)
+
+
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
+    _quiet_transformers()
     start = time.time()
     try:
         COMMANDS[args.command](args)

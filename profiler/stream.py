@@ -28,7 +28,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from ..models import LoadedModel, read_config, resolve_dir, skeleton
+from ..models import LoadedModel, check_model_size, read_config, resolve_dir, skeleton
 from ..models.base import ExpertRef
 from ..models.empty import empty_weights
 from ..schemas import ExpertNode, InputError, Profile, ProfileMeta, atomic_write, parse_bytes
@@ -90,6 +90,7 @@ class LayerStreamer:
         self.adapter = skeleton(self.config, self.directory, dtype=torch.float32, init=empty_weights())
         self.model = self.adapter.model.eval()
         self.reader = CheckpointReader(self.directory)
+        check_model_size(self.adapter, self.directory)
         self.stats = StreamStats()
         self.swapped: dict[int, torch.nn.Module] = {}  # layer -> its own experts module while StreamedExperts runs
         self.names = {id(m): n for n, m in self.model.named_modules()}

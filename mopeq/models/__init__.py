@@ -6,6 +6,7 @@ without real weights, which is all the compiler needs to know where experts live
 
 from __future__ import annotations
 
+import math
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,6 +77,19 @@ def read_config(directory: Path) -> dict:
     adapter_class(config, directory).check_config(config, directory / "config.json")
     _bound_layers(config, directory)
     return config
+
+
+def check_model_size(adapter: MoEAdapter, directory: Path) -> None:
+    """Refuse a module tree (built on meta) that holds far more parameters than the checkpoint holds values: a
+    config that does not describe its checkpoint (``hidden_size: 1e7``) would otherwise allocate until killed."""
+    from ..safety import check_safetensors
+
+    values = sum(math.prod(e["shape"]) for shard in sorted(set(checkpoint_shards(directory).values()))
+                 for e in check_safetensors(shard).values())
+    params = sum(p.numel() for p in adapter.model.parameters())
+    if params > 2 * values + 4096:
+        raise InputError(f"{directory / 'config.json'}: describes a model of {params:,} parameters, but the checkpoint "
+                         f"holds {values:,} values; the config does not describe this checkpoint")
 
 
 LAYER_FIELDS = ("num_hidden_layers", "n_layers", "num_layers")
@@ -152,6 +166,7 @@ def open_model(path: str | Path, dtype: torch.dtype = torch.float32) -> LoadedMo
     config = read_config(directory)
     cls = adapter_class(config, directory)
     checkpoint_shards(directory)  # safetensors only (never pickle), names and headers checked before loading
+    check_model_size(skeleton(config, directory), directory)  # on meta: nothing allocated yet
     model = cls.load_model(directory, config, dtype)
     model.eval()
     model_id = DEMO if str(path) == DEMO else str(config.get("_name_or_path") or directory.name)

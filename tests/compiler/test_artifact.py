@@ -127,8 +127,8 @@ def test_corrupted_or_truncated_shard_is_named(demo_dir, tmp_path):
     shard.write_bytes(bytes(data))
     with pytest.raises(InputError, match=f"{shard.name}.*checksum"):
         load(out)
-    shard.write_bytes(bytes(data[: len(data) // 3]))
-    with pytest.raises(InputError, match=f"{shard.name}.*checksum"):
+    shard.write_bytes(bytes(data[: len(data) // 3]))  # the header check sees it first, before any checksum
+    with pytest.raises(InputError, match=f"{shard.name}.*(checksum|truncated or corrupted)"):
         load(out)
 
 

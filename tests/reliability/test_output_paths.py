@@ -44,7 +44,7 @@ def test_overwrite_never_deletes_a_users_folder_or_the_model(tiny_dir, plan, tmp
     (tmp_path / "file").write_text("x")
     refused(capsys, ["compile", tiny_dir, "--plan", plan, "-o", tmp_path / "file", "--overwrite"], "not a folder")
     monkeypatch.chdir(mine)
-    refused(capsys, ["compile", tiny_dir, "--plan", plan, "-o", ".", "--overwrite"], "-o .")
+    refused(capsys, ["compile", tiny_dir, "--plan", plan, "-o", ".", "--overwrite"], "not a mopeq artifact")
     refused(capsys, ["compile", tiny_dir, "--plan", plan, "-o", "/", "--overwrite"], "-o /")
     assert tree_bytes(mine) == {"thesis.tex": b"years of work"}
     # an artifact folder is replaced, and an empty folder is used

@@ -258,3 +258,23 @@ def test_more_layers_than_the_tensors_hold_is_refused_before_building(tiny_dir, 
         assert main([str(a) for a in args]) == 2
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and f"{name} is 1000000, but the tensors number at most" in err, err
+
+
+@pytest.mark.parametrize("change", ["hidden_size=1e7", "no hidden_size", "no n_routed_experts"])
+def test_config_that_does_not_describe_the_checkpoint_is_refused_in_one_line(tiny_dir, tmp_path, capsys, change):
+    """A config whose model is far larger than the checkpoint (built on meta first, nothing allocated) is refused
+    in one line by profile and run: no allocation until killed, no transformers load report on stderr."""
+    model = tmp_path / "model"
+    shutil.copytree(tiny_dir, model)
+    config = json.loads((model / "config.json").read_text())
+    if change == "hidden_size=1e7":
+        config["hidden_size"] = 10**7
+    else:
+        config.pop(change.split()[1])
+    (model / "config.json").write_text(json.dumps(config))
+    for args in (["profile", model, "--calib", model / "calib.txt", "-o", tmp_path / "p.json"],
+                 ["run", model, "--prompt", "the", "--max-new-tokens", "1"]):
+        capsys.readouterr()
+        assert main([str(a) for a in args]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "the config does not describe this checkpoint" in err, err
