@@ -297,8 +297,9 @@ def profile_streamed(path, batches: list[dict], calibration: dict, bits=(2, 3, 4
         if hidden is None:
             hidden = [streamer.embed(b) for b in batches]
         if curvature and boundaries is not None:
+            block = min(probes, 8)  # probes whose tangents / cotangents are kept together
             check_scratch(Path(boundaries), hidden, len(streamer.adapter.decoder_layers()),
-                          min(probes, 8) if "hessian" in curvature else 0)
+                          block if "hessian" in curvature else 0, block if "gauss-newton" in curvature else 1)
         for layer in range(len(streamer.adapter.decoder_layers())):
             if layer in done:
                 continue
@@ -341,11 +342,12 @@ def _profile_layer(streamer, loaded, layer, batches, hidden, calibration, settin
     return nodes, edges, out
 
 
-def check_scratch(folder: Path, hidden: list[torch.Tensor], layers: int, tangents: int) -> None:
-    """Refuse, before any layer runs, a scratch folder without room for every layer's inputs (and tangents)."""
+def check_scratch(folder: Path, hidden: list[torch.Tensor], layers: int, tangents: int, streams: int = 1) -> None:
+    """Refuse, before any layer runs, a scratch folder without room for every layer's inputs (and tangents), and
+    the backward streams' cotangents at two layer boundaries (the committed one and the one being written)."""
     import shutil
 
-    need = layers * (1 + tangents) * sum(h.numel() * h.element_size() for h in hidden)
+    need = (layers * (1 + tangents) + 2 * streams) * sum(h.numel() * h.element_size() for h in hidden)
     existing = next(p for p in (folder, *folder.parents) if p.exists())
     free = shutil.disk_usage(existing).free
     if free < need:
