@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -179,17 +180,22 @@ class LayerStreamer:
         dtype = {"BF16": torch.bfloat16, "F16": torch.float16}.get(dtype, torch.float32)
         for name, p in list(experts.named_parameters(recurse=False)):
             setattr(experts, name, torch.nn.Parameter(torch.empty(p.shape, dtype=dtype), requires_grad=False))
-        for ref in refs:
-            views = self.adapter.expert_weights(ref)
-            for m, disk in where[ref].items():
-                with safe_open(str(self.reader.where[disk.key]), "pt") as f:
-                    part = disk.read(f)
-                if tuple(part.shape) != tuple(views[m].shape):
-                    raise InputError(f"{self.directory}: tensor {disk.key} gives expert {ref.id} {m} of shape "
-                                     f"{tuple(part.shape)}, expected {tuple(views[m].shape)}")
-                views[m].copy_(part)
-            self.stats.loaded_tensors += 3
+        with ExitStack() as stack:  # each shard opened once for the layer
+            shards = {path: stack.enter_context(safe_open(str(path), "pt"))
+                      for path in {self.reader.where[d.key] for w in where.values() for d in w.values()}}
+            for ref in refs:
+                self._copy_expert(ref, where[ref], shards)
         return {d.key for w in where.values() for d in w.values()}
+
+    def _copy_expert(self, ref: ExpertRef, where: dict, shards: dict) -> None:
+        views = self.adapter.expert_weights(ref)
+        for m, disk in where.items():
+            part = disk.read(shards[self.reader.where[disk.key]])
+            if tuple(part.shape) != tuple(views[m].shape):
+                raise InputError(f"{self.directory}: tensor {disk.key} gives expert {ref.id} {m} of shape "
+                                 f"{tuple(part.shape)}, expected {tuple(views[m].shape)}")
+            views[m].copy_(part)
+        self.stats.loaded_tensors += len(where)
 
     def unload_layer(self, layer: int) -> None:
         """Parameters back to meta (freed); computed buffers stay."""

@@ -95,21 +95,21 @@ class SweepCheckpoint:
     def __init__(self, folder: Path | None):
         self.folder = Path(folder) if folder is not None else None
 
-    def _write(self, name: str, tensors: dict, meta: dict | None = None) -> None:
+    def write(self, name: str, tensors: dict, meta: dict | None = None) -> None:
         tensors = {k: v.contiguous() for k, v in tensors.items()}
         atomic_write(self.folder / f"{name}.safetensors", lambda tmp: save_file(tensors, str(tmp), meta))
 
-    def _read(self, name: str) -> dict | None:
+    def read(self, name: str) -> dict | None:
         path = self.folder / f"{name}.safetensors" if self.folder else None
         return load_file(str(path)) if path is not None and path.is_file() else None
 
     def block(self, tag: str) -> torch.Tensor | None:
-        found = self._read(tag)
+        found = self.read(tag)
         return None if found is None else found["samples"]
 
     def finish_block(self, tag: str, samples: torch.Tensor) -> torch.Tensor:
         if self.folder is not None:
-            self._write(tag, {"samples": samples})
+            self.write(tag, {"samples": samples})
             for path in self.folder.glob(f"{tag}-*.safetensors"):
                 path.unlink()
         return samples
@@ -117,7 +117,7 @@ class SweepCheckpoint:
     def resume_sweep(self, tag: str, streams: list["Stream"]) -> tuple[int | None, dict[int, torch.Tensor]]:
         """The lowest finished layer of sweep ``tag`` (None: none) with every finished layer's sums; the streams'
         cotangents are set to where it stopped."""
-        saved = self._read(f"{tag}-cotangents")
+        saved = self.read(f"{tag}-cotangents")
         if saved is None:
             return None, {}
         with safe_open(str(self.folder / f"{tag}-cotangents.safetensors"), "pt") as f:
@@ -139,9 +139,9 @@ class SweepCheckpoint:
     def finish_layer(self, tag: str, layer: int, sums: torch.Tensor, streams: list["Stream"]) -> None:
         if self.folder is None:
             return
-        self._write(f"{tag}-sums-{layer:05d}", {"sums": sums})
+        self.write(f"{tag}-sums-{layer:05d}", {"sums": sums})
         in_ram = {f"s{i}": s.cotangent for i, s in enumerate(streams) if s.folder is None}  # else in their files
-        self._write(f"{tag}-cotangents", in_ram or {"none": torch.zeros(0)}, {"layer": str(layer)})
+        self.write(f"{tag}-cotangents", in_ram or {"none": torch.zeros(0)}, {"layer": str(layer)})
 
 
 class Stream:
@@ -367,7 +367,7 @@ def hessian_block(streamer, batches, store: BoundaryStore, last, probes: range, 
     layers, k = len(adapter.decoder_layers()), len(probes)
     checkpoint = checkpoint or SweepCheckpoint(None)
     tangents = BoundaryStore(store.folder / "tangents" / tag if store.folder else None)
-    committed = checkpoint._read(f"{tag}-hessian")
+    committed = checkpoint.read(f"{tag}-hessian")
     with torch.enable_grad():
         if committed is None:
             out, g, dg = _hessian_forward(streamer, batches, store, tangents, last, probes, seed)
@@ -400,7 +400,7 @@ def hessian_block(streamer, batches, store: BoundaryStore, last, probes: range, 
             if checkpoint.folder is not None:
                 state = {"out": out, "layer": torch.tensor(layer), **{f"g{b}": v for b, v in enumerate(g)},
                          **{f"dg{i}": v for i, v in enumerate(dg)}}
-                checkpoint._write(f"{tag}-hessian", state)
+                checkpoint.write(f"{tag}-hessian", state)
             streamer.unload_layer(layer)
     if tangents.folder is not None:
         shutil.rmtree(tangents.folder, ignore_errors=True)

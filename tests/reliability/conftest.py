@@ -83,6 +83,13 @@ def tiny_spec(tmp_path_factory) -> Path:
     return path
 
 
+def main(args) -> int:
+    """``mopeq ARGS`` in this process (paths and numbers as they come), returning the exit code."""
+    from mopeq.cli import main as cli_main
+
+    return cli_main([str(a) for a in args])
+
+
 def cli(*args, cwd=None, **kw) -> subprocess.Popen:
     """``python -m mopeq.cli ARGS`` as a child process (single-threaded)."""
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TQDM_DISABLE="1")

@@ -7,14 +7,9 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer
 
-from .conftest import tiny_profile_args, tree_bytes
-from mopeq.cli import main as cli_main
+from .conftest import main, tiny_profile_args, tree_bytes
 from mopeq.profiler.calibration import summary, text_file_batches
 from mopeq.profiler.stream import profile_streamed
-
-
-def main(args) -> int:
-    return cli_main([str(a) for a in args])
 
 
 def chain(tiny_dir: Path, spec: Path, out: Path, extra=()) -> dict[str, bytes]:

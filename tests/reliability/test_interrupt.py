@@ -11,18 +11,13 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import cli, tiny_profile_args, tree_bytes
-from mopeq.cli import main as cli_main
+from .conftest import cli, main, tiny_profile_args, tree_bytes
 
 DEMO_WEIGHTS = Path(__file__).resolve().parents[2] / "mopeq" / "demo" / "weights" / "model.safetensors"
 
 
 class Crash(BaseException):
     """Stands for a kill: not an ``Exception``, so no error handler turns it into a clean exit."""
-
-
-def main(args) -> int:
-    return cli_main([str(a) for a in args])
 
 
 def crash_at(monkeypatch, owner, name: str, call: int, after: bool) -> None:

@@ -7,15 +7,10 @@ import json
 
 from transformers import AutoTokenizer
 
-from .conftest import tiny_profile_args
-from mopeq.cli import main as cli_main
+from .conftest import main, tiny_profile_args
 from mopeq.models import open_model
 from mopeq.profiler.calibration import text_file_batches
 from mopeq.safety import profile_memory, streamed_curvature_needs
-
-
-def main(args) -> int:
-    return cli_main([str(a) for a in args])
 
 
 def need(tiny_dir, whole_model: bool) -> dict:

@@ -6,12 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from .conftest import tiny_profile_args, tree_bytes
-from mopeq.cli import main as cli_main
-
-
-def main(args) -> int:
-    return cli_main([str(a) for a in args])
+from .conftest import main, tiny_profile_args, tree_bytes
 
 
 @pytest.fixture(scope="module")

@@ -7,13 +7,8 @@ import json
 
 import pytest
 
-from .conftest import tiny_profile_args
-from mopeq.cli import main as cli_main
+from .conftest import main, tiny_profile_args
 from mopeq.schemas import InputError, read_plan, read_profile
-
-
-def main(args) -> int:
-    return cli_main([str(a) for a in args])
 
 
 @pytest.fixture(scope="module")
